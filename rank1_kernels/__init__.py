@@ -1,0 +1,55 @@
+"""rank1_kernels: fused kernels and a drop-in layer for pools of rank-1 LoRA experts (arXiv 2601.22828).
+
+Layers, from the bottom:
+    routing, pool_linear, ago     ops: a plain-PyTorch reference beside each, validated dispatch to a backend
+    backends                      who runs an op (reference | triton | cuda) and why one refuses
+    module, attention             FusedRank1PoolLinear (drop-in nn.Linear), PoolMultiheadAttention
+    inject, adapters              model surgery, merging, the AGO penalty, safetensors save/load
+"""
+
+from .adapters import load_adapters, save_adapters
+from .ago import ago_loss, ago_loss_grouped, ago_loss_grouped_ref, ago_loss_ref
+from .attention import PoolMultiheadAttention
+from .backends import available_backends, known_backends, register_backend, resolve_backend
+from .inject import (
+    DEFAULT_TARGETS,
+    PoolConfig,
+    ago_penalty,
+    inject,
+    mark_only_pool_trainable,
+    merge_all,
+    pool_layers,
+    unload,
+)
+from .module import FusedRank1PoolLinear
+from .pool_linear import rank1_pool_linear, rank1_pool_linear_ref
+from .routing import route, top_experts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "FusedRank1PoolLinear",
+    "PoolConfig",
+    "PoolMultiheadAttention",
+    "ago_loss",
+    "ago_loss_grouped",
+    "ago_loss_grouped_ref",
+    "ago_loss_ref",
+    "ago_penalty",
+    "available_backends",
+    "inject",
+    "known_backends",
+    "load_adapters",
+    "mark_only_pool_trainable",
+    "merge_all",
+    "pool_layers",
+    "rank1_pool_linear",
+    "rank1_pool_linear_ref",
+    "register_backend",
+    "resolve_backend",
+    "route",
+    "save_adapters",
+    "top_experts",
+    "unload",
+]

@@ -1,0 +1,73 @@
+"""Input validation shared by the ops and modules: every error says what was wrong and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+ROUTING_MODES = ("sample", "batch")
+GATE_KINDS = ("none", "softmax", "sigmoid")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, allowed))}")
+
+
+def check_top_k(k: int, r: int, what: str = "k") -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{what} must be an int, got {type(k).__name__}")
+    if not 1 <= k <= r:
+        raise ValueError(f"{what}={k} is out of range: expected 1 <= {what} <= r={r} (the number of experts)")
+
+
+def check_same_device_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """All floating tensors in `others` must live on the device and have the dtype of `reference`."""
+    for name, tensor in others.items():
+        if tensor is None:
+            continue
+        if tensor.device != reference.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {reference_name} is on {reference.device}; "
+                f"move them to the same device (e.g. {name}.to({reference_name}.device))"
+            )
+        if tensor.dtype != reference.dtype:
+            raise ValueError(
+                f"{name} has dtype {tensor.dtype} but {reference_name} has dtype {reference.dtype}; "
+                f"cast one of them so both share a dtype"
+            )
+
+
+def check_last_dim(name: str, tensor: torch.Tensor, expected: int, meaning: str) -> None:
+    if tensor.shape[-1] != expected:
+        raise ValueError(
+            f"{name} has last dimension {tensor.shape[-1]} but {expected} was expected ({meaning}); "
+            f"got shape {tuple(tensor.shape)}"
+        )
+
+
+def check_rows_divisible(n_rows: int, tokens_per_sample: int) -> int:
+    """Returns the number of samples; rows are laid out sample-major (sample s owns a contiguous block)."""
+    if not isinstance(tokens_per_sample, int) or isinstance(tokens_per_sample, bool) or tokens_per_sample < 1:
+        raise ValueError(f"tokens_per_sample must be a positive int, got {tokens_per_sample!r}")
+    if n_rows % tokens_per_sample != 0:
+        raise ValueError(
+            f"tokens_per_sample={tokens_per_sample} does not divide the {n_rows} input rows; "
+            f"expected rows = n_samples * tokens_per_sample with each sample's tokens contiguous"
+        )
+    return n_rows // tokens_per_sample
+
+
+def check_finite_scores(scores: torch.Tensor) -> None:
+    """Routing on NaN/Inf would pick arbitrary experts silently; refuse instead.
+
+    This reads a flag back from the device, so it is skipped while compiling or capturing CUDA graphs."""
+    if torch.compiler.is_compiling():
+        return
+    if scores.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if scores.numel() and not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
+        raise ValueError(
+            f"routing scores contain NaN or Inf (first at sample {bad[0]}, expert {bad[1]}); "
+            f"check the routing tokens and router weights for non-finite values"
+        )

@@ -1,0 +1,111 @@
+"""Saving and loading the adapters of an injected model as safetensors (no pickle: loading runs no code).
+
+The file holds, per pool layer: lora_A, lora_B, the router's weight and bias, activation_counts and the merge
+history (merged_A, merged_B, merged_scaling, merge_sizes), plus each layer's config as JSON metadata. The base
+weights are not stored: load into a model built from the same base weights, injected the same way, and the
+recorded merges are re-applied to its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from .inject import pool_layers
+
+FORMAT = "rank1_kernels.adapters"
+FORMAT_VERSION = "1"
+_LAYER_TENSORS = (
+    "lora_A", "lora_B", "router.weight", "router.bias", "activation_counts",
+    "merged_A", "merged_B", "merged_scaling", "merge_sizes",
+)  # fmt: skip
+# Settings that may differ between the saving and the loading model; they are taken from the file.
+_SETTABLE = ("k", "alpha", "routing", "gate", "routing_token_index")
+
+
+def _layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    state = layer.state_dict()
+    return {name: state[name] for name in _LAYER_TENSORS if name in state}
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(temporary_path), then rename it over `path`: a crash never leaves a half-written file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write every pool layer's adapter state to `path` (safetensors, written atomically)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    configs = {}
+    for name, layer in pool_layers(model):
+        configs[name] = layer.config()
+        for key, value in _layer_state(layer).items():
+            tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
+    if not configs:
+        raise ValueError("save_adapters(): the model has no pool layers; call inject() first")
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "layers": json.dumps(configs)}
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load adapters saved by save_adapters into an injected model; returns the names of the loaded layers.
+
+    The model's layers must have no merges yet (their base weights pristine): the file's merges are added to
+    them. With strict, the file and the model must hold the same pool layers."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a rank1_kernels adapter file (metadata format={metadata.get('format')!r})")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has adapter format version {metadata.get('version')!r}; expected {FORMAT_VERSION}")
+        configs = json.loads(metadata["layers"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+
+    layers = dict(pool_layers(model))
+    missing, unexpected = sorted(set(layers) - set(configs)), sorted(set(configs) - set(layers))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"adapter file and model disagree: pool layers missing from the file {missing[:5]}, in the file but not "
+            f"in the model {unexpected[:5]} (of {len(missing)} and {len(unexpected)}); inject the model the same way"
+        )
+    loaded = []
+    for name, config in configs.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        for field in ("in_features", "out_features", "r"):
+            if config[field] != getattr(layer, field):
+                raise ValueError(f"layer {name}: {field}={config[field]} in the file but {getattr(layer, field)} in the model")
+        if layer.merge_sizes.numel():
+            raise ValueError(
+                f"layer {name} already has {layer.merge_sizes.numel()} merges; load adapters into a freshly injected "
+                f"model whose base weights are the original ones"
+            )
+        for field in _SETTABLE:
+            setattr(layer, field, config[field])
+        state = {key: tensors[f"{name}.{key}"] for key in _LAYER_TENSORS if f"{name}.{key}" in tensors}
+        layer.load_state_dict(state, strict=False)
+        if layer.merge_sizes.numel():
+            with torch.no_grad():
+                layer.weight.copy_((layer.weight.float() + layer.merged_delta()).to(layer.weight.dtype))
+        loaded.append(name)
+    return loaded

@@ -1,0 +1,120 @@
+"""Backends: who computes an op, what each supports, and why it refuses.
+
+Every backend implements the same ops with the same signatures as the reference:
+    pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input) -> y
+    ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p) -> (n_layers,) per-layer losses
+`backend="auto"` takes the first backend in priority order that accepts the inputs; a backend forced by name
+that cannot run raises an error naming the reason and the fix. Fast backends register themselves from their
+own modules (imported lazily, so a missing Triton or CUDA extension never breaks `import rank1_kernels`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import torch
+
+OPS = ("pool_linear", "ago_grouped")
+
+
+class Backend:
+    """Base class. Subclasses set `name` and implement the ops they support."""
+
+    name: str = ""
+
+    def refuse_reason(self, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
+        """None when this backend can run `op` on these inputs, else a sentence saying why not and how to fix it."""
+        raise NotImplementedError
+
+    def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
+        raise NotImplementedError
+
+    def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch: runs everywhere, differentiable by autograd; the oracle the fast backends are tested against."""
+
+    name = "reference"
+
+    def refuse_reason(self, op, tensors):
+        return None
+
+    def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
+        from .pool_linear import rank1_pool_linear_ref
+
+        return rank1_pool_linear_ref(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input)
+
+    def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
+        from .ago import ago_loss_grouped_ref
+
+        return ago_loss_grouped_ref(B_curs, B_prevs, cur_masks, prev_masks, p)
+
+
+# name -> (priority for "auto": lower first, factory). Factories run on first use, not at import.
+_REGISTRY: dict[str, tuple[int, Callable[[], Backend]]] = {"reference": (100, ReferenceBackend)}
+# Backends that live in optional modules; importing them registers them. A failed import is remembered as the reason.
+_LAZY_MODULES: dict[str, str] = {}
+_INSTANCES: dict[str, Backend] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def register_backend(name: str, priority: int, factory: Callable[[], Backend]) -> None:
+    _REGISTRY[name] = (priority, factory)
+    _INSTANCES.pop(name, None)
+
+
+def register_lazy_backend(name: str, module: str) -> None:
+    """Declare that importing `module` registers backend `name` (kept out of the import of rank1_kernels)."""
+    _LAZY_MODULES[name] = module
+
+
+def _load_lazy(name: str) -> None:
+    module = _LAZY_MODULES.get(name)
+    if module is None or name in _REGISTRY or name in _IMPORT_ERRORS:
+        return
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an optional dependency missing or broken: remember why, never fail the import
+        _IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+
+
+def available_backends() -> list[str]:
+    for name in list(_LAZY_MODULES):
+        _load_lazy(name)
+    return sorted(_REGISTRY, key=lambda n: _REGISTRY[n][0])
+
+
+def known_backends() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+
+
+def get_backend(name: str) -> Backend:
+    _load_lazy(name)
+    if name not in _REGISTRY:
+        if name in _IMPORT_ERRORS:
+            raise RuntimeError(f"backend={name!r} is not available: {_IMPORT_ERRORS[name]}")
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, known_backends()))}")
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _REGISTRY[name][1]()
+    return _INSTANCES[name]
+
+
+def resolve_backend(name: str, op: str, tensors: Sequence[torch.Tensor]) -> Backend:
+    """The backend that runs `op` on `tensors`: the named one (or an error saying why it cannot), or for "auto" the
+    first in priority order that accepts them."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if name == "auto":
+        for candidate in available_backends():
+            backend = get_backend(candidate)
+            if backend.refuse_reason(op, tensors) is None:
+                return backend
+        raise RuntimeError(f"no backend accepts {op} on these inputs")  # unreachable: the reference accepts all
+    backend = get_backend(name)
+    reason = backend.refuse_reason(op, tensors)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run {op} here: {reason}")
+    return backend

@@ -1,0 +1,171 @@
+"""Model surgery: put pool layers into any model, and take them out again.
+
+    inject(model, target=DEFAULT_TARGETS, config=PoolConfig(...))   nn.Linear -> FusedRank1PoolLinear,
+                                                                    nn.MultiheadAttention -> PoolMultiheadAttention
+    merge_all(model, top_m=4)                                       fold each layer's top experts into its weight
+    unload(model)                                                   back to plain nn.Linear / nn.MultiheadAttention
+    ago_penalty(model, top_m=4)                                     the AGO loss averaged over all pool layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .ago import ago_loss_grouped
+from .attention import PoolMultiheadAttention
+from .module import FusedRank1PoolLinear
+
+# open_clip and OpenAI CLIP residual blocks: the attention (q, k, v, out) and both MLP linears of every block,
+# in both towers: 144 pool layers for ViT-B/16, as in the paper.
+DEFAULT_TARGETS = ("*.attn", "*.mlp.c_fc", "*.mlp.c_proj")
+ATTENTION_ROLES = ("q", "k", "v", "out")
+
+Target = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+@dataclasses.dataclass
+class PoolConfig:
+    """How each injected pool layer is built (see FusedRank1PoolLinear)."""
+
+    r: int = 12
+    k: int = 8
+    alpha: float = 1.0
+    routing: str = "sample"
+    gate: str = "none"
+    dropout: float = 0.0
+    backend: str = "auto"
+    attention_projections: tuple[str, ...] = ATTENTION_ROLES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.attention_projections) - set(ATTENTION_ROLES)
+        if unknown:
+            raise ValueError(f"attention_projections has {sorted(unknown)}; expected a subset of {ATTENTION_ROLES}")
+
+
+def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
+    if callable(target):
+        return target
+    patterns = (target,) if isinstance(target, str) else tuple(target)
+    return lambda name, module: any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _batch_first_for(name: str, attention_layouts: dict[str, bool]) -> bool:
+    """A Linear's layout is that of the nearest attention in the same block (OpenAI CLIP's blocks are
+    sequence-first); batch-first when there is none."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:depth])
+        for attention_name, batch_first in attention_layouts.items():
+            if prefix == "" or attention_name.startswith(prefix + "."):
+                return batch_first
+    return True
+
+
+def pool_layers(model: nn.Module) -> Iterator[tuple[str, FusedRank1PoolLinear]]:
+    """(qualified name, layer) for every pool layer in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedRank1PoolLinear):
+            yield name, module
+
+
+def inject(model: nn.Module, target: Target = DEFAULT_TARGETS, config: PoolConfig | None = None, **overrides) -> nn.Module:
+    """Swap every nn.Linear and nn.MultiheadAttention whose qualified name matches `target` (glob patterns, or a
+    callable(name, module) -> bool) for pool layers built from `config` (keyword overrides allowed). In place;
+    returns the model. Before training the injected model computes what the original computed."""
+    config = dataclasses.replace(config or PoolConfig(), **overrides)
+    matches = _matcher(target)
+    attention_layouts = {
+        name: module.batch_first for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+    }
+
+    def make_pool(linear: nn.Linear, batch_first: bool) -> FusedRank1PoolLinear:
+        return FusedRank1PoolLinear.from_linear(
+            linear, r=config.r, k=config.k, alpha=config.alpha, routing=config.routing, gate=config.gate,
+            dropout=config.dropout, backend=config.backend, batch_first=batch_first,
+        )  # fmt: skip
+
+    replacements: dict[str, nn.Module] = {}
+    inside_replaced: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside_replaced and name.startswith(inside_replaced):
+            continue  # the out_proj inside a matched attention, or a submodule of a pool layer
+        if isinstance(module, (FusedRank1PoolLinear, PoolMultiheadAttention)) or not matches(name, module):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+
+            def wrap(role: str, linear: nn.Linear) -> nn.Module:
+                # Inside PoolMultiheadAttention every projection sees batch-first rows.
+                return make_pool(linear, batch_first=True) if role in config.attention_projections else linear
+
+            replacements[name] = PoolMultiheadAttention.from_mha(module, wrap)
+            inside_replaced += (name + ".",)
+        elif isinstance(module, nn.Linear):
+            replacements[name] = make_pool(module, _batch_first_for(name, attention_layouts))
+            inside_replaced += (name + ".",)
+    if not replacements:
+        raise ValueError(
+            f"inject() matched no nn.Linear or nn.MultiheadAttention with target={target!r}; "
+            f"pass glob patterns over module names as printed by model.named_modules()"
+        )
+    if "" in replacements:
+        raise ValueError("inject() cannot replace the model object itself; use FusedRank1PoolLinear.from_linear()")
+    for name, new in replacements.items():
+        _set_submodule(model, name, new)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every pool layer by a plain nn.Linear and every PoolMultiheadAttention by nn.MultiheadAttention,
+    with the merged weights. Unmerged pool experts are dropped: call merge_all() first. In place; returns model."""
+    replacements = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(done + ".") for done in replacements):
+            continue
+        if isinstance(module, PoolMultiheadAttention):
+            replacements[name] = module.to_mha()
+        elif isinstance(module, FusedRank1PoolLinear):
+            replacements[name] = module.to_linear()
+    for name, new in replacements.items():
+        if name == "":
+            raise ValueError("unload() cannot replace the model object itself; call model.to_linear() instead")
+        _set_submodule(model, name, new)
+    return model
+
+
+def merge_all(model: nn.Module, top_m: int = 4, reset_pool: bool = True) -> dict[str, torch.Tensor]:
+    """merge(top_m) on every pool layer (the end of a task); returns each layer's merged expert indices."""
+    return {name: layer.merge(top_m, reset_pool=reset_pool) for name, layer in pool_layers(model)}
+
+
+def mark_only_pool_trainable(model: nn.Module) -> int:
+    """requires_grad only for the pool parameters (lora_A, lora_B, router); returns the trainable count."""
+    model.requires_grad_(False)
+    count = 0
+    for _, layer in pool_layers(model):
+        for parameter in (layer.lora_A, layer.lora_B, *layer.router.parameters()):
+            parameter.requires_grad_(True)
+            count += parameter.numel()
+    return count
+
+
+def ago_penalty(model: nn.Module, top_m: int = 4, p: int = 1, backend: str = "auto") -> torch.Tensor:
+    """AGO loss averaged over all pool layers: the current top_m experts' B columns (by activation counts so far)
+    against every B column merged after earlier tasks. Zero before the first merge."""
+    layers = [layer for _, layer in pool_layers(model)]
+    if not layers:
+        raise ValueError("ago_penalty(): the model has no pool layers; call inject() first")
+    B_curs = [layer.lora_B for layer in layers]
+    B_prevs = [layer.merged_B for layer in layers]
+    cur_masks = [layer.current_top_mask(top_m) for layer in layers]
+    prev_masks = [torch.ones(B.shape[1], dtype=torch.bool, device=B.device) for B in B_prevs]
+    return ago_loss_grouped(B_curs, B_prevs, cur_masks, prev_masks, p=p, backend=backend).mean()
