@@ -5,6 +5,7 @@ Layers, from the bottom:
     backends                      who runs an op (reference | triton | cuda) and why one refuses
     module, attention             FusedRank1PoolLinear (drop-in nn.Linear), PoolMultiheadAttention
     inject, adapters              model surgery, merging, the AGO penalty, safetensors save/load
+    lifecycle                     begin_task / loss_extra / end_task hooks for any trainer
 """
 
 from .adapters import load_adapters, save_adapters
@@ -21,6 +22,7 @@ from .inject import (
     pool_layers,
     unload,
 )
+from .lifecycle import PoolLifecycle
 from .module import FusedRank1PoolLinear
 from .pool_linear import rank1_pool_linear, rank1_pool_linear_ref
 from .routing import route, top_experts
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "FusedRank1PoolLinear",
     "PoolConfig",
+    "PoolLifecycle",
     "PoolMultiheadAttention",
     "ago_loss",
     "ago_loss_grouped",

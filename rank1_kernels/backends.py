@@ -27,6 +27,11 @@ class Backend:
         """None when this backend can run `op` on these inputs, else a sentence saying why not and how to fix it."""
         raise NotImplementedError
 
+    def auto_ok(self, op: str, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether "auto" may pick this backend for these inputs (e.g. Triton runs CPU tensors only through its
+        slow interpreter: allowed when forced by name, never picked automatically)."""
+        return True
+
     def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
         raise NotImplementedError
 
@@ -110,7 +115,7 @@ def resolve_backend(name: str, op: str, tensors: Sequence[torch.Tensor]) -> Back
     if name == "auto":
         for candidate in available_backends():
             backend = get_backend(candidate)
-            if backend.refuse_reason(op, tensors) is None:
+            if backend.refuse_reason(op, tensors) is None and backend.auto_ok(op, tensors):
                 return backend
         raise RuntimeError(f"no backend accepts {op} on these inputs")  # unreachable: the reference accepts all
     backend = get_backend(name)

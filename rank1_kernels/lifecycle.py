@@ -1,0 +1,77 @@
+"""The continual-learning life cycle of an injected model, as hooks any trainer can call.
+
+    lifecycle = PoolLifecycle(model, top_m=4, ago_weight=0.1)
+    for task_id, task in enumerate(tasks):
+        lifecycle.begin_task(task_id)                 # a fresh pool in every layer
+        for batch in task:
+            loss = task_loss(model, batch) + lifecycle.loss_extra()   # + lambda * AGO (zero on the first task)
+            ...
+        lifecycle.end_task()                          # merge each layer's top_m experts into its weight
+
+The pool tensors and the merge history are buffers of the pool layers, so they travel in model.state_dict()
+(or save_adapters); this object's state_dict() holds the rest of the history: which tasks ran, the activation
+counts each layer had at the end of each task and the experts merged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .inject import ago_penalty, merge_all, pool_layers
+
+
+class PoolLifecycle:
+    def __init__(self, model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"):
+        if not any(True for _ in pool_layers(model)):
+            raise ValueError("PoolLifecycle needs a model with pool layers; call rank1_kernels.inject(model) first")
+        self.model = model
+        self.top_m, self.ago_weight, self.ago_p, self.backend = top_m, ago_weight, ago_p, backend
+        self.finished_tasks: list = []
+        self.current_task = None
+        self.counts_per_task: dict[str, list[torch.Tensor]] = {}
+        self.merged_experts_per_task: dict[str, list[torch.Tensor]] = {}
+
+    def begin_task(self, task_id) -> None:
+        """Start a task: every pool layer gets a fresh pool (new A, zero B, new router, zero counts)."""
+        if self.current_task is not None:
+            raise RuntimeError(f"begin_task({task_id!r}) while task {self.current_task!r} is running; call end_task() first")
+        for _, layer in pool_layers(self.model):
+            layer.reset_pool()
+        self.current_task = task_id
+
+    def loss_extra(self) -> torch.Tensor:
+        """ago_weight * the AGO penalty averaged over pool layers; exactly zero before any task has been merged."""
+        if not self.finished_tasks or self.ago_weight == 0:
+            parameter = next(layer.lora_B for _, layer in pool_layers(self.model))
+            return parameter.new_zeros(())
+        return self.ago_weight * ago_penalty(self.model, top_m=self.top_m, p=self.ago_p, backend=self.backend)
+
+    def end_task(self, top_m: int | None = None) -> dict[str, torch.Tensor]:
+        """Merge each layer's top_m most used experts into its weight; returns the merged indices per layer."""
+        if self.current_task is None:
+            raise RuntimeError("end_task() without begin_task()")
+        top_m = self.top_m if top_m is None else top_m
+        for name, layer in pool_layers(self.model):
+            self.counts_per_task.setdefault(name, []).append(layer.activation_counts.detach().cpu().clone())
+        merged = merge_all(self.model, top_m=top_m, reset_pool=True)
+        for name, experts in merged.items():
+            self.merged_experts_per_task.setdefault(name, []).append(experts.detach().cpu().clone())
+        self.finished_tasks.append(self.current_task)
+        self.current_task = None
+        return merged
+
+    def state_dict(self) -> dict:
+        return {
+            "top_m": self.top_m, "ago_weight": self.ago_weight, "ago_p": self.ago_p,
+            "finished_tasks": list(self.finished_tasks), "current_task": self.current_task,
+            "counts_per_task": {name: torch.stack(v) for name, v in self.counts_per_task.items()},
+            "merged_experts_per_task": {name: torch.stack(v) for name, v in self.merged_experts_per_task.items()},
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.top_m, self.ago_weight, self.ago_p = state["top_m"], state["ago_weight"], state["ago_p"]
+        self.finished_tasks = list(state["finished_tasks"])
+        self.current_task = state["current_task"]
+        self.counts_per_task = {name: list(v.unbind(0)) for name, v in state["counts_per_task"].items()}
+        self.merged_experts_per_task = {name: list(v.unbind(0)) for name, v in state["merged_experts_per_task"].items()}
