@@ -106,6 +106,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True
         layer.load_state_dict(state, strict=False)
         if layer.merge_sizes.numel():
             with torch.no_grad():
-                layer.weight.copy_((layer.weight.float() + layer.merged_delta()).to(layer.weight.dtype))
+                layer.weight.copy_((layer.weight.to(layer._merge_dtype) + layer.merged_delta()).to(layer.weight.dtype))
         loaded.append(name)
     return loaded

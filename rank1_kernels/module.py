@@ -71,7 +71,7 @@ class FusedRank1PoolLinear(nn.Module):
         self.register_buffer("activation_counts", torch.zeros(r, dtype=torch.int64, device=device))
         self.register_buffer("merged_A", torch.zeros(0, in_features, **factory))
         self.register_buffer("merged_B", torch.zeros(out_features, 0, **factory))
-        self.register_buffer("merged_scaling", torch.zeros(0, dtype=torch.float32, device=device))
+        self.register_buffer("merged_scaling", torch.zeros(0, dtype=torch.float64, device=device))
         self.register_buffer("merge_sizes", torch.zeros(0, dtype=torch.int64, device=device))
         self.reset_parameters()
 
@@ -144,12 +144,12 @@ class FusedRank1PoolLinear(nn.Module):
         if self.batch_first:
             n_samples = x.shape[0]
             tokens = math.prod(x.shape[1:-1])
-            return x.reshape(n_samples * tokens, x.shape[-1]), tokens, lambda y: y.reshape(*x.shape[:-1], -1)
+            return x.reshape(n_samples * tokens, x.shape[-1]), tokens, lambda y: y.reshape(*x.shape[:-1], self.out_features)
         if x.dim() != 3:
             raise ValueError(f"sequence-first input must be 3-D (tokens, batch, in_features), got {tuple(x.shape)}")
         tokens, n_samples = x.shape[0], x.shape[1]
         rows = x.transpose(0, 1).reshape(n_samples * tokens, x.shape[-1])
-        return rows, tokens, lambda y: y.reshape(n_samples, tokens, -1).transpose(0, 1)
+        return rows, tokens, lambda y: y.reshape(n_samples, tokens, self.out_features).transpose(0, 1)
 
     def forward(
         self, x: torch.Tensor, tokens_per_sample: int | None = None, routing_tokens: torch.Tensor | None = None
@@ -165,7 +165,7 @@ class FusedRank1PoolLinear(nn.Module):
                     f"routing_token_index={self.routing_token_index} is outside the {tokens_per_sample} tokens "
                     f"of each sample"
                 )
-            routing_tokens = rows.reshape(n_samples, tokens_per_sample, -1)[:, self.routing_token_index]
+            routing_tokens = rows.reshape(n_samples, tokens_per_sample, self.in_features)[:, self.routing_token_index]
         idx, gates = route(routing_tokens, self.router.weight, self.router.bias, self.k, self.routing, self.gate)
         if self.training:
             with torch.no_grad():
@@ -200,7 +200,7 @@ class FusedRank1PoolLinear(nn.Module):
         self._add_to_weight(B_top, A_top, self.scaling)
         self.merged_A = torch.cat([self.merged_A, A_top])
         self.merged_B = torch.cat([self.merged_B, B_top], dim=1)
-        scale = torch.full((top_m,), self.scaling, dtype=torch.float32, device=self.merged_scaling.device)
+        scale = torch.full((top_m,), self.scaling, dtype=torch.float64, device=self.merged_scaling.device)
         self.merged_scaling = torch.cat([self.merged_scaling, scale])
         self.merge_sizes = torch.cat([self.merge_sizes, self.merge_sizes.new_tensor([top_m])])
         if reset_pool:
@@ -214,18 +214,24 @@ class FusedRank1PoolLinear(nn.Module):
             raise RuntimeError("unmerge(): this layer has no merged experts")
         size = int(self.merge_sizes[-1])
         A_last, B_last = self.merged_A[-size:], self.merged_B[:, -size:]
-        self._add_to_weight(B_last * self.merged_scaling[-size:].to(B_last.dtype), A_last, -1.0)
+        self._add_to_weight(B_last.to(self._merge_dtype) * self.merged_scaling[-size:], A_last, -1.0)
         self.merged_A, self.merged_B = self.merged_A[:-size].clone(), self.merged_B[:, :-size].clone()
         self.merged_scaling, self.merge_sizes = self.merged_scaling[:-size].clone(), self.merge_sizes[:-1].clone()
 
+    @property
+    def _merge_dtype(self) -> torch.dtype:
+        """Merges are computed in at least fp32 and rounded once into W's dtype."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def _add_to_weight(self, B_cols: torch.Tensor, A_rows: torch.Tensor, scale: float) -> None:
-        update = (B_cols.float() @ A_rows.float()) * scale
-        self.weight.copy_((self.weight.float() + update).to(self.weight.dtype))
+        dtype = self._merge_dtype
+        update = (B_cols.to(dtype) @ A_rows.to(dtype)) * scale
+        self.weight.copy_((self.weight.to(dtype) + update).to(self.weight.dtype))
 
     def merged_delta(self) -> torch.Tensor:
-        """Sum of all recorded merges, (out_features, in_features) fp32: what merging added to the base W."""
-        B_scaled = self.merged_B.float() * self.merged_scaling
-        return B_scaled @ self.merged_A.float()
+        """Sum of all recorded merges, (out_features, in_features) in at least fp32: what merging added to W."""
+        dtype = self._merge_dtype
+        return (self.merged_B.to(dtype) * self.merged_scaling.to(dtype)) @ self.merged_A.to(dtype)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the current (merged) weight and bias. Unmerged pool experts are not included:

@@ -37,7 +37,7 @@ def rank1_pool_linear_ref(
     B_selected = B.t()[idx]  # (n_samples, k, d_out)
     hidden = torch.bmm(shrink_input.reshape(n_samples, tokens_per_sample, d_in), A_selected.transpose(1, 2))
     hidden = hidden * (gates * scaling).unsqueeze(1)  # (n_samples, tokens_per_sample, k)
-    update = torch.bmm(hidden, B_selected).reshape(n_rows, -1)
+    update = torch.bmm(hidden, B_selected).reshape(n_rows, B.shape[0])
     return F.linear(x, weight, bias) + update
 
 
