@@ -7,7 +7,15 @@ import math
 import torch
 import torch.nn as nn
 
-from ._checks import GATE_KINDS, ROUTING_MODES, check_choice, check_last_dim, check_same_device_dtype, check_top_k
+from ._checks import (
+    GATE_KINDS,
+    ROUTING_MODES,
+    check_choice,
+    check_last_dim,
+    check_rows_divisible,
+    check_same_device_dtype,
+    check_top_k,
+)
 from .pool_linear import rank1_pool_linear
 from .routing import route, top_experts
 
@@ -140,6 +148,7 @@ class FusedRank1PoolLinear(nn.Module):
                     "2-D input (rows, in_features) needs tokens_per_sample= or routing_tokens= (the layer never "
                     "guesses the batch size from the token count); pass 3-D (batch, tokens, in_features) instead"
                 )
+            check_rows_divisible(x.shape[0], tokens_per_sample)
             return x, tokens_per_sample, lambda y: y
         if self.batch_first:
             n_samples = x.shape[0]
