@@ -22,7 +22,7 @@ from .module import FusedRank1PoolLinear
 
 # open_clip and OpenAI CLIP residual blocks: the attention (q, k, v, out) and both MLP linears of every block,
 # in both towers: 144 pool layers for ViT-B/16, as in the paper.
-DEFAULT_TARGETS = ("*.attn", "*.mlp.c_fc", "*.mlp.c_proj")
+DEFAULT_TARGETS = ("attn", "mlp.c_fc", "mlp.c_proj")
 ATTENTION_ROLES = ("q", "k", "v", "out")
 
 Target = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -51,7 +51,11 @@ def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
     if callable(target):
         return target
     patterns = (target,) if isinstance(target, str) else tuple(target)
-    return lambda name, module: any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    # As in peft's target_modules, a pattern names the end of a qualified name: "mlp.c_fc" matches
+    # "visual.transformer.resblocks.0.mlp.c_fc" and a top-level "mlp.c_fc" alike.
+    return lambda name, module: any(
+        fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern) for pattern in patterns
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -79,8 +83,8 @@ def pool_layers(model: nn.Module) -> Iterator[tuple[str, FusedRank1PoolLinear]]:
 
 
 def inject(model: nn.Module, target: Target = DEFAULT_TARGETS, config: PoolConfig | None = None, **overrides) -> nn.Module:
-    """Swap every nn.Linear and nn.MultiheadAttention whose qualified name matches `target` (glob patterns, or a
-    callable(name, module) -> bool) for pool layers built from `config` (keyword overrides allowed). In place;
+    """Swap every nn.Linear and nn.MultiheadAttention whose qualified name matches `target` (glob patterns that
+    match the whole name or its end after a dot, or a callable(name, module) -> bool) for pool layers built from `config` (keyword overrides allowed). In place;
     returns the model. Before training the injected model computes what the original computed."""
     config = dataclasses.replace(config or PoolConfig(), **overrides)
     matches = _matcher(target)

@@ -1,0 +1,134 @@
+"""save_adapters / load_adapters: safetensors, atomic, everything needed to continue, no code execution."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rank1_kernels import PoolLifecycle, inject, load_adapters, merge_all, pool_layers, save_adapters
+from rank1_kernels.adapters import atomic_write
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=True)
+        self.mlp = nn.Sequential()
+        self.mlp.c_fc = nn.Linear(12, 20)
+        self.mlp.c_proj = nn.Linear(20, 12)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp.c_proj(torch.relu(self.mlp.c_fc(x)))
+
+
+def _base(seed=0):
+    torch.manual_seed(seed)
+    return TinyBlock()
+
+
+def _train_a_little(model, steps=3):
+    parameters = [p for _, layer in pool_layers(model) for p in (layer.lora_A, layer.lora_B, *layer.router.parameters())]
+    optimizer = torch.optim.SGD(parameters, lr=0.1)
+    model.train()
+    for step in range(steps):
+        x = torch.randn(4, 5, 12, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def test_round_trip_restores_outputs_counts_routers_and_merges(tmp_path):
+    model = inject(_base(), r=6, k=3, gate="softmax")
+    _train_a_little(model)
+    merge_all(model, top_m=2)
+    _train_a_little(model)
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(model, path)
+
+    restored = inject(_base(), r=6, k=3, gate="none")  # gate is taken from the file
+    loaded = load_adapters(restored, path)
+    assert sorted(loaded) == sorted(name for name, _ in pool_layers(model))
+    for (name, original), (_, copy_) in zip(pool_layers(model), pool_layers(restored)):
+        assert copy_.gate == "softmax", name
+        for key in ("lora_A", "lora_B", "router.weight", "router.bias", "activation_counts", "merged_B", "merge_sizes"):
+            assert torch.equal(original.state_dict()[key], copy_.state_dict()[key]), (name, key)
+        torch.testing.assert_close(copy_.weight, original.weight, rtol=0, atol=1e-6)
+    x = torch.randn(2, 5, 12)
+    torch.testing.assert_close(restored.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_file_is_plain_safetensors_with_json_metadata(tmp_path):
+    from safetensors import safe_open
+
+    model = inject(_base(), r=4, k=2)
+    path = tmp_path / "a.safetensors"
+    save_adapters(model, path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        keys = set(handle.keys())
+    layers = json.loads(metadata["layers"])
+    assert set(layers) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"}
+    assert "attn.q_proj.router.weight" in keys and "mlp.c_fc.activation_counts" in keys
+    assert not any(key.endswith(".weight") and "router" not in key for key in keys)  # no base weights
+
+
+def test_loading_refuses_mismatches(tmp_path):
+    model = inject(_base(), r=4, k=2)
+    path = tmp_path / "a.safetensors"
+    save_adapters(model, path)
+    with pytest.raises(ValueError, match=r"r=4 in the file but 6 in the model"):
+        load_adapters(inject(_base(), r=6, k=2), path)
+    with pytest.raises(ValueError, match=r"adapter file and model disagree"):
+        load_adapters(inject(_base(), target=("mlp.c_fc",), r=4, k=2), path)
+    merged = inject(_base(), r=4, k=2)
+    merge_all(merged, top_m=1)
+    with pytest.raises(ValueError, match=r"already has 1 merges"):
+        load_adapters(merged, path)
+    not_adapters = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(not_adapters))
+    with pytest.raises(ValueError, match=r"is not a rank1_kernels adapter file"):
+        load_adapters(model, not_adapters)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"old")
+
+    def failing_writer(temporary):
+        with open(temporary, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing_writer)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["state.bin"]
+    atomic_write(path, lambda temporary: open(temporary, "wb").write(b"new"))
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["state.bin"]
+
+
+def test_lifecycle_runs_tasks_and_its_state_round_trips():
+    model = inject(_base(), r=6, k=3)
+    lifecycle = PoolLifecycle(model, top_m=2, ago_weight=0.1)
+    lifecycle.begin_task("task-a")
+    assert float(lifecycle.loss_extra()) == 0.0
+    _train_a_little(model)
+    with pytest.raises(RuntimeError, match="call end_task"):
+        lifecycle.begin_task("task-b")
+    lifecycle.end_task()
+    lifecycle.begin_task("task-b")
+    _train_a_little(model)
+    extra = lifecycle.loss_extra()
+    assert extra.requires_grad and float(extra.detach()) > 0
+    state = lifecycle.state_dict()
+    assert state["finished_tasks"] == ["task-a"] and state["current_task"] == "task-b"
+    assert state["counts_per_task"]["mlp.c_fc"].shape == (1, 6)
+    copy_ = PoolLifecycle(model)
+    copy_.load_state_dict(state)
+    assert copy_.state_dict()["finished_tasks"] == ["task-a"] and copy_.top_m == 2
+    torch.testing.assert_close(copy_.loss_extra(), extra)
