@@ -178,7 +178,8 @@ class FusedRank1PoolLinear(nn.Module):
         idx, gates = route(routing_tokens, self.router.weight, self.router.bias, self.k, self.routing, self.gate)
         if self.training:
             with torch.no_grad():
-                self.activation_counts += torch.bincount(idx.reshape(-1), minlength=self.r)
+                flat = idx.reshape(-1)
+                self.activation_counts.index_add_(0, flat, torch.ones_like(flat))
         lora_input = self.dropout(rows) if self.training and isinstance(self.dropout, nn.Dropout) else None
         y = rank1_pool_linear(
             rows, self.weight, self.bias, self.lora_A, self.lora_B, idx, gates, self.scaling, tokens_per_sample,

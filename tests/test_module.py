@@ -1,5 +1,7 @@
 """FusedRank1PoolLinear as a drop-in nn.Linear: layouts, routing token, counts, merge/unmerge, state."""
 
+import copy
+
 import pytest
 import torch
 
@@ -195,3 +197,16 @@ def test_backend_choice():
     layer.backend = "no-such-backend"
     with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
         layer(torch.randn(2, 3, 10))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """No graph breaks: routing, the finiteness check, counting and the op all trace."""
+    layer = _trained_layer(gate="softmax")
+    x = torch.randn(3, 4, 10)
+    compiled = torch.compile(layer, fullgraph=True)
+    layer.eval()
+    oracle = copy.deepcopy(layer).double()(x.double())
+    assert_close_by_rule(compiled(x), layer(x), oracle, "compiled forward")
+    layer.train()
+    compiled(x).sum().backward()
+    assert int(layer.activation_counts.sum()) == 3 * 3 and layer.router.weight.grad is not None
