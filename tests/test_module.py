@@ -210,3 +210,20 @@ def test_torch_compile_fullgraph_matches_eager():
     layer.train()
     compiled(x).sum().backward()
     assert int(layer.activation_counts.sum()) == 3 * 3 and layer.router.weight.grad is not None
+
+
+def test_layer_with_all_experts_equals_peft_lora_layer():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(4)
+    base = torch.nn.Sequential(torch.nn.Linear(10, 7)).double()
+    layer = FusedRank1PoolLinear.from_linear(base[0], r=6, k=6, alpha=1.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=6, lora_alpha=1, target_modules=["0"], lora_dropout=0.0))
+    lora = model.base_model.model[0]
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(layer.lora_A)
+        lora.lora_B["default"].weight.copy_(layer.lora_B)
+    assert lora.scaling["default"] == layer.scaling
+    x = torch.randn(3, 5, 10, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), model(x), rtol=0, atol=1e-12)
