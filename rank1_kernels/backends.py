@@ -76,6 +76,8 @@ def register_lazy_backend(name: str, module: str) -> None:
     _LAZY_MODULES[name] = module
 
 
+# Run eagerly even inside torch.compile (an import cannot be traced): the first "auto" may happen in a compiled region.
+@torch.compiler.assume_constant_result
 def _load_lazy(name: str) -> None:
     module = _LAZY_MODULES.get(name)
     if module is None or name in _REGISTRY or name in _IMPORT_ERRORS:
@@ -123,3 +125,6 @@ def resolve_backend(name: str, op: str, tensors: Sequence[torch.Tensor]) -> Back
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run {op} here: {reason}")
     return backend
+
+
+register_lazy_backend("triton", "rank1_kernels.triton_backend")

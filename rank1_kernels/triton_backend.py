@@ -1,0 +1,65 @@
+"""The "triton" backend: fused Triton kernels for the pool linear and the grouped AGO Gram.
+
+Importing this module registers the backend (rank1_kernels.backends imports it lazily on first use, so a missing
+Triton never breaks `import rank1_kernels`). On a CUDA device "auto" picks it before the reference. CPU tensors run
+through Triton's interpreter, only when forced by name (backend="triton") and only if TRITON_INTERPRET=1 was set
+before this module was imported: that is how CI checks the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import Backend, register_backend
+from .triton_ago import ago_refuse_reason, triton_ago_grouped
+from .triton_pool_linear import is_interpreted, triton_pool_linear
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class TritonBackend(Backend):
+    """pool_linear (gather or shrink-all + mask, chosen by shape) and ago_grouped (one launch for all layers)."""
+
+    name = "triton"
+
+    def refuse_reason(self, op, tensors):
+        floating = [t for t in tensors if t.is_floating_point()]
+        if not floating:
+            return None  # nothing to compute (an empty group of layers)
+        dtype, device = floating[0].dtype, floating[0].device
+        if dtype not in SUPPORTED_DTYPES:
+            return f"dtype {dtype} is not supported by the Triton kernels (bf16, fp16, fp32); use backend='reference'"
+        if device.type == "cpu" and not is_interpreted():
+            return (
+                "CPU tensors run only through Triton's interpreter, which must be enabled before the kernels are "
+                "imported: set TRITON_INTERPRET=1 in the environment before importing rank1_kernels (slow; for "
+                "tests), move the tensors to a CUDA device, or use backend='reference'"
+            )
+        if device.type not in ("cpu", "cuda"):
+            return (f"tensors on {device.type} are not supported (CUDA, or CPU under the interpreter); "
+                    f"use backend='reference'")  # fmt: skip
+        if op == "pool_linear" and torch.is_grad_enabled():
+            # tensors = [x, weight, bias?, A, B, idx, gates, lora_input?]: weight is second, bias the only 1-D one.
+            frozen = [tensors[1]] + [t for t in tensors if t.dim() == 1]
+            if any(t.requires_grad for t in frozen):
+                return (
+                    "the Triton kernels keep the base weight and bias frozen (no dW, no dbias) but one requires grad; "
+                    "call weight.requires_grad_(False) / bias.requires_grad_(False) or use backend='reference'"
+                )
+        if op == "ago_grouped":
+            half = len(tensors) // 2
+            return ago_refuse_reason(tensors[:half], tensors[half:])
+        return None
+
+    def auto_ok(self, op, tensors):
+        # The interpreter is far too slow to be picked silently: "auto" takes Triton on compiled CUDA kernels only.
+        return bool(tensors) and tensors[0].device.type == "cuda" and not is_interpreted()
+
+    def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
+        return triton_pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input)
+
+    def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
+        return triton_ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p)
+
+
+register_backend("triton", 10, TritonBackend)

@@ -1,0 +1,337 @@
+"""The Triton pool linear against the reference: forward and every gradient, both variants, every dtype.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the CPU grid
+is small odd shapes; the GPU-marked tests repeat the check at ViT-B/16 shapes and under torch.compile."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from _tolerance import assert_close_by_rule
+
+from rank1_kernels import FusedRank1PoolLinear, rank1_pool_linear, rank1_pool_linear_ref, resolve_backend
+from rank1_kernels import triton_pool_linear as triton_pool_linear_module
+from rank1_kernels.triton_pool_linear import choose_variant, is_interpreted, triton_pool_linear
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GRAD_NAMES = ("x", "A", "B", "gates", "lora_input")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _inputs(n_samples, tokens, d_in, d_out, r, k, with_bias, with_lora_input, device, seed=0):
+    """fp64 inputs of the test; idx picks k distinct experts per sample."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_samples * tokens, d_in, generator=g, dtype=torch.float64)
+    weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    bias = torch.randn(d_out, generator=g, dtype=torch.float64) if with_bias else None
+    A = torch.randn(r, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    B = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    per_sample = [torch.randperm(r, generator=g)[:k] for _ in range(n_samples)]
+    idx = torch.stack(per_sample) if per_sample else torch.zeros(0, k, dtype=torch.int64)
+    gates = torch.rand(n_samples, k, generator=g, dtype=torch.float64) + 0.5
+    lora_input = torch.randn_like(x) if with_lora_input else None
+    tensors = {"x": x, "weight": weight, "bias": bias, "A": A, "B": B, "idx": idx, "gates": gates}
+    tensors["lora_input"] = lora_input
+    return {name: (t.to(device) if t is not None else None) for name, t in tensors.items()}
+
+
+def _run(fn, inputs, dtype, grad_y, scaling, tokens):
+    """y and the gradients of (x, A, B, gates, lora_input) for fn run on the inputs cast to dtype."""
+    cast = {n: (t.to(dtype) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    trainable = [cast[n].requires_grad_() if cast[n] is not None else None for n in GRAD_NAMES]
+    y = fn(cast["x"], cast["weight"], cast["bias"], cast["A"], cast["B"], cast["idx"], cast["gates"], scaling, tokens,
+           cast["lora_input"])  # fmt: skip
+    present = [t for t in trainable if t is not None]
+    grads = iter(torch.autograd.grad(y, present, grad_y.to(dtype)))
+    return y, [next(grads) if t is not None else None for t in trainable]
+
+
+def _check_against_reference(inputs, dtype, scaling, tokens, variant, what):
+    def triton_fn(*args):
+        return triton_pool_linear(*args, variant=variant)
+
+    grad_y = torch.randn(inputs["x"].shape[0], inputs["weight"].shape[0], dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(7)).to(inputs["x"].device)  # fmt: skip
+    grad_y = grad_y.to(dtype).double()  # every run sees the same rounded upstream gradient
+    y, grads = _run(triton_fn, inputs, dtype, grad_y, scaling, tokens)
+    y_ref, grads_ref = _run(rank1_pool_linear_ref, inputs, dtype, grad_y, scaling, tokens)
+    rounded = {n: (t.to(dtype).double() if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    y_oracle, grads_oracle = _run(rank1_pool_linear_ref, rounded, torch.float64, grad_y, scaling, tokens)
+    assert y.dtype == dtype
+    assert_close_by_rule(y, y_ref, y_oracle, f"{what}: y")
+    for name, grad, grad_ref, grad_oracle in zip(GRAD_NAMES, grads, grads_ref, grads_oracle):
+        if grad_oracle is not None:
+            assert grad is not None and grad.dtype == dtype, f"{what}: no {dtype} gradient for {name}"
+            assert_close_by_rule(grad, grad_ref, grad_oracle, f"{what}: d{name}")
+
+
+# (n_samples, tokens_per_sample, d_in, d_out, r, k, bias, lora_input): size 1, odd and prime sizes, k = 1 and k = r,
+# samples longer than one 16-row tile.
+CPU_SHAPES = [
+    (3, 5, 17, 37, 7, 3, True, False),
+    (2, 1, 1, 3, 1, 1, False, True),
+    (2, 17, 37, 17, 5, 5, True, True),
+]
+
+
+def _shape_id(shape):
+    return "x".join(map(str, shape[:6])) + ("-bias" if shape[6] else "") + ("-lora_input" if shape[7] else "")
+
+
+@pytest.mark.parametrize("variant", ["gather", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=_shape_id)
+def test_forward_and_gradients_match_reference(shape, dtype, variant):
+    n_samples, tokens, d_in, d_out, r, k, with_bias, with_lora_input = shape
+    inputs = _inputs(n_samples, tokens, d_in, d_out, r, k, with_bias, with_lora_input, _device())
+    _check_against_reference(inputs, dtype, 0.3, tokens, variant, f"{variant} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("variant", ["gather", "mask"])
+def test_non_contiguous_inputs(variant):
+    """Every tensor a strided view: the kernels take strides, never assume a layout."""
+    inputs = _inputs(3, 5, 11, 13, 6, 2, True, True, _device(), seed=3)
+
+    for name in ("x", "A", "gates", "lora_input", "idx"):  # every other column of a wider buffer
+        wide = torch.zeros(*inputs[name].shape[:-1], 2 * inputs[name].shape[-1] + 1, dtype=inputs[name].dtype,
+                           device=inputs[name].device)  # fmt: skip
+        wide[..., 1::2] = inputs[name]
+        inputs[name] = wide[..., 1::2]
+    for name in ("weight", "B"):  # column-major
+        inputs[name] = inputs[name].t().contiguous().t()
+    assert not any(inputs[n].is_contiguous() for n in ("x", "weight", "A", "B", "idx", "gates", "lora_input"))
+    _check_against_reference(inputs, torch.float32, 0.5, 5, variant, f"{variant} non-contiguous")
+
+
+@pytest.mark.parametrize("variant", ["gather", "mask"])
+def test_variants_agree_with_shared_experts_and_are_deterministic(variant):
+    """Samples sharing experts (batch routing) sum into the same rows of dA and columns of dB: the result must be
+    the same bits on every run (no atomics)."""
+    inputs = _inputs(4, 3, 9, 7, 5, 2, True, False, _device(), seed=5)
+    inputs["idx"] = torch.tensor([[1, 3]] * 4, device=inputs["x"].device)
+    _check_against_reference(inputs, torch.float32, 0.25, 3, variant, f"{variant} shared experts")
+
+    def grads_once():
+        x, A, B, gates = (inputs[n].float().requires_grad_() for n in ("x", "A", "B", "gates"))
+        y = triton_pool_linear(x, inputs["weight"].float(), inputs["bias"].float(), A, B, inputs["idx"], gates, 0.25,
+                               3, variant=variant)  # fmt: skip
+        return torch.autograd.grad(y.square().sum(), (x, A, B, gates))
+
+    for first, second in zip(grads_once(), grads_once()):
+        assert torch.equal(first, second)
+
+
+def test_mask_variant_row_chunks(monkeypatch):
+    """The mask variant sums dA and dB over row chunks; small chunks make these shapes cross chunk boundaries, with
+    a short last chunk and chunks that split samples."""
+    monkeypatch.setattr(triton_pool_linear_module, "_MASK_ROW_CHUNK", 16)
+    monkeypatch.setattr(triton_pool_linear_module, "_MASK_MAX_CHUNKS", 2)  # 37 rows: 2 chunks of 19 and 18 rows
+    inputs = _inputs(1, 37, 5, 6, 3, 2, False, False, _device(), seed=13)
+    _check_against_reference(inputs, torch.float32, 0.5, 37, "mask", "mask, 2 row chunks")
+    monkeypatch.setattr(triton_pool_linear_module, "_MASK_MAX_CHUNKS", 16)  # 3 chunks of 16, 16 and 5 rows
+    inputs = _inputs(37, 1, 5, 6, 3, 2, True, True, _device(), seed=14)
+    _check_against_reference(inputs, torch.float32, 0.5, 1, "mask", "mask, 3 row chunks")
+
+
+def test_empty_batch():
+    inputs = _inputs(0, 3, 5, 4, 3, 2, True, False, _device())
+    x = inputs["x"].float().requires_grad_()
+    A = inputs["A"].float().requires_grad_()
+    y = triton_pool_linear(x, inputs["weight"].float(), inputs["bias"].float(), A, inputs["B"].float(), inputs["idx"],
+                           inputs["gates"].float(), 1.0, 3)  # fmt: skip
+    assert y.shape == (0, 4)
+    grad_x, grad_A = torch.autograd.grad(y.sum(), (x, A))
+    assert grad_x.shape == (0, 5) and torch.equal(grad_A, torch.zeros_like(A))
+
+
+def test_dispatcher_picks_by_pool_size_and_sample_length():
+    assert choose_variant(12, 8, 197) == "mask"  # the paper's pool: small r
+    assert choose_variant(256, 4, 197) == "gather"  # a large pool, few experts per sample
+    assert choose_variant(256, 200, 197) == "mask"  # most experts chosen anyway
+    assert choose_variant(256, 4, 1) == "mask"  # one token per sample cannot fill a sample-aligned tile
+    with pytest.raises(ValueError, match="variant='dense' is not supported"):
+        inputs = _inputs(1, 1, 2, 2, 2, 1, False, False, _device())
+        triton_pool_linear(*(inputs[n] for n in ("x", "weight", "bias", "A", "B", "idx", "gates")), 1.0, 1,
+                           variant="dense")  # fmt: skip
+
+
+def test_backend_by_name_and_refusals():
+    inputs = _inputs(2, 3, 6, 5, 4, 2, True, False, _device())
+    args = [inputs[n] for n in ("x", "weight", "bias", "A", "B", "idx", "gates")]
+    with pytest.raises(RuntimeError, match=r"float64 is not supported.*backend='reference'"):
+        rank1_pool_linear(*args, 0.5, 3, backend="triton")
+    floats = [t.float() if t.is_floating_point() else t for t in args]
+    torch.testing.assert_close(
+        rank1_pool_linear(*floats, 0.5, 3, backend="triton"), rank1_pool_linear_ref(*floats, 0.5, 3), rtol=1e-5,
+        atol=1e-5,
+    )  # fmt: skip
+    floats[1] = floats[1].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="keep the base weight and bias frozen"):
+        rank1_pool_linear(*floats, 0.5, 3, backend="triton")
+    with torch.no_grad():  # a weight that requires grad is fine when no graph is built
+        rank1_pool_linear(*floats, 0.5, 3, backend="triton")
+    floats[1] = floats[1].detach()
+    expected = "triton" if floats[0].is_cuda and not is_interpreted() else "reference"
+    assert resolve_backend("auto", "pool_linear", floats).name == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal without the interpreter")
+def test_fresh_process_compiles_auto_and_refuses_cpu_without_interpreter():
+    """In a fresh process the Triton backend is first imported by "auto" inside a compiled region: that must not
+    break fullgraph. Without TRITON_INTERPRET=1, CPU tensors are refused with the fix named."""
+    script = (
+        "import sys, torch, rank1_kernels as rk\n"
+        "layer = rk.FusedRank1PoolLinear(6, 4, r=3, k=2)\n"
+        "torch.compile(layer, fullgraph=True)(torch.randn(2, 3, 6)).sum().backward()\n"
+        "assert 'rank1_kernels.triton_backend' in sys.modules\n"
+        "x = torch.randn(2, 3); w = torch.randn(4, 3); A = torch.randn(2, 3); B = torch.randn(4, 2)\n"
+        "idx = torch.zeros(2, 1, dtype=torch.int64); g = torch.ones(2, 1)\n"
+        "assert rk.resolve_backend('auto', 'pool_linear', [x, w, A, B, idx, g]).name == 'reference'\n"
+        "try:\n    rk.rank1_pool_linear(x, w, None, A, B, idx, g, 1.0, 1, backend='triton')\n"
+        "except RuntimeError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout and "backend='reference'" in result.stdout, result.stdout
+
+
+# Compiles every kernel ahead of time for an sm_80 GPU in a process without the interpreter: Triton's GPU compiler
+# checks what the interpreter does not (tl.dot operand shapes and dtypes, loop bounds, shared memory), no GPU needed.
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rank1_kernels import triton_ago as ta, triton_pool_linear as tp
+
+def compile_for_gpu(kernel, pointers, constants):
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scaling" else "i32")
+                 for name in kernel.arg_names}
+    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 80, 32))
+
+for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+    t = "*" + dtype
+    dot = {"DOT_PRECISION": precision, "UPCAST_DOT": False}
+    compile_for_gpu(tp._shrink_kernel, {"in_ptr": t, "proj_ptr": t, "table_ptr": "*i64", "out_ptr": "*fp32"},
+                    {"BLOCK_M": 64, "BLOCK_SLOTS": 16, "BLOCK_D": 64, **dot})
+    compile_for_gpu(tp._fused_linear_kernel, {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "u_ptr": "*fp32", "gate_ptr": t,
+                    "expand_ptr": t, "table_ptr": "*i64", "y_ptr": t}, {"HAS_BASE": True, "HAS_BIAS": True,
+                    "HAS_LORA": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_SLOTS": 32, **dot})
+    compile_for_gpu(tp._group_outer_kernel, {"u_ptr": "*fp32", "gate_ptr": t, "m_ptr": t, "out_ptr": "*fp32"},
+                    {"BLOCK_M": 32, "BLOCK_SLOTS": 16, "BLOCK_C": 64})
+    compile_for_gpu(tp._scatter_slots_kernel, {"partial_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": t},
+                    {"BLOCK_P": 16, "BLOCK_C": 64})
+    masks = {"cur_mask_ptr": "*fp32", "prev_mask_ptr": "*fp32", "table_ptr": "*i64"}
+    compile_for_gpu(ta._ago_gram_kernel, {"cur_ptr": t, "prev_ptr": t, "loss_ptr": "*fp32", "dphi_ptr": "*fp32",
+                    **masks}, {"P": 1, "BLOCK_R": 16, "BLOCK_M": 32, "BLOCK_D": 64})
+    compile_for_gpu(ta._ago_grad_kernel, {"grad_loss_ptr": "*fp32", "own_ptr": t, "other_ptr": t, "own_mask_ptr":
+                    "*fp32", "other_mask_ptr": "*fp32", "table_ptr": "*i64", "dphi_ptr": "*fp32", "out_ptr": t},
+                    {"OWN_IS_CUR": True, "BLOCK_D": 64, "BLOCK_A": 16, "BLOCK_B": 32})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("variant", ["gather", "mask"])
+def test_opcheck(variant):
+    inputs = _inputs(2, 3, 5, 7, 4, 2, True, True, _device(), seed=9)
+    f = {n: (t.float() if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    for name in ("x", "A", "B", "gates", "lora_input"):
+        f[name].requires_grad_()
+    forward_args = (f["x"], f["weight"], f["bias"], f["A"], f["B"], f["idx"], f["gates"], 0.5, 3, f["lora_input"],
+                    variant)  # fmt: skip
+    torch.library.opcheck(torch.ops.rank1.triton_pool_linear_fwd.default, forward_args)
+    with torch.no_grad():
+        _, u = torch.ops.rank1.triton_pool_linear_fwd(*forward_args)
+    grad_y = torch.randn(6, 7, device=u.device)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args]
+    backward_args = (grad_y, detached[0], detached[1], detached[3], detached[4], detached[5], detached[6], 0.5, 3,
+                     detached[9], u, variant, True, True, True, True, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.rank1.triton_pool_linear_bwd.default, backward_args)
+
+
+def _pool_layer(backend, device, dtype=torch.float32):
+    torch.manual_seed(11)
+    layer = FusedRank1PoolLinear(10, 7, r=6, k=3, gate="softmax", backend=backend, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def _compile_matches_eager(device):
+    layer = _pool_layer("triton", device)
+    reference = copy.deepcopy(layer)
+    reference.backend = "reference"
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 5, 10, device=device)
+    oracle_layer = copy.deepcopy(reference).double()
+    oracle = oracle_layer(x.double())
+    assert_close_by_rule(compiled(x), reference(x), oracle, "compiled triton forward")
+    compiled(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    oracle_layer(x.double()).square().sum().backward()
+    for name in ("lora_A", "lora_B"):
+        assert_close_by_rule(getattr(layer, name).grad, getattr(reference, name).grad,
+                             getattr(oracle_layer, name).grad, f"compiled d{name}")  # fmt: skip
+    assert_close_by_rule(layer.router.weight.grad, reference.router.weight.grad, oracle_layer.router.weight.grad,
+                         "compiled router gradient (through the gates)")  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU variant below runs instead")
+def test_torch_compile_fullgraph_on_cpu_interpreter():
+    _compile_matches_eager(torch.device("cpu"))
+
+
+# ---- GPU: ViT-B/16 shapes, compiled kernels ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["gather", "mask"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("d_out", [768, 2304, 3072])
+@pytest.mark.parametrize("r,k", [(12, 4), (12, 8), (64, 4), (64, 8), (256, 4), (256, 8)])
+def test_vit_b16_shapes_on_gpu(r, k, d_out, dtype, variant):
+    inputs = _inputs(32, 197, 768, d_out, r, k, True, True, torch.device("cuda"), seed=r + k)
+    _check_against_reference(inputs, dtype, 1.0 / r, 197, variant, f"ViT {variant} {dtype} d_out={d_out} r={r} k={k}")
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_on_gpu():
+    assert not is_interpreted(), "GPU tests expect compiled kernels; unset TRITON_INTERPRET"
+    _compile_matches_eager(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_gpu_and_the_forward_captures_in_a_cuda_graph():
+    layer = _pool_layer("auto", torch.device("cuda"), torch.bfloat16).eval()
+    x = torch.randn(4, 197, 10, device="cuda", dtype=torch.bfloat16)
+    idx = torch.zeros(4, 3, dtype=torch.int64, device="cuda")
+    gates = torch.ones(4, 3, device="cuda", dtype=torch.bfloat16)
+    args = [x.reshape(-1, 10), layer.weight, layer.bias, layer.lora_A, layer.lora_B, idx, gates]
+    assert resolve_backend("auto", "pool_linear", args).name == "triton"
+    with torch.no_grad():
+        expected = layer(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
