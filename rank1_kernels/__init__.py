@@ -5,6 +5,7 @@ Layers, from the bottom:
     backends                      who runs an op (reference | triton | cuda) and why one refuses
     module, attention             FusedRank1PoolLinear (drop-in nn.Linear), PoolMultiheadAttention
     inject, adapters              model surgery, merging, the AGO penalty, safetensors save/load
+    families                      the model families inject() recognises, towers, end-of-text routing
     lifecycle                     begin_task / loss_extra / end_task hooks for any trainer
 """
 
@@ -12,6 +13,7 @@ from .adapters import load_adapters, save_adapters
 from .ago import ago_loss, ago_loss_grouped, ago_loss_grouped_ref, ago_loss_ref
 from .attention import PoolMultiheadAttention
 from .backends import available_backends, known_backends, register_backend, resolve_backend
+from .families import detect_family, find_towers, set_text_routing
 from .inject import (
     DEFAULT_TARGETS,
     PoolConfig,
@@ -41,6 +43,8 @@ __all__ = [
     "ago_loss_ref",
     "ago_penalty",
     "available_backends",
+    "detect_family",
+    "find_towers",
     "inject",
     "known_backends",
     "load_adapters",
@@ -53,6 +57,7 @@ __all__ = [
     "resolve_backend",
     "route",
     "save_adapters",
+    "set_text_routing",
     "top_experts",
     "unload",
 ]

@@ -1,7 +1,8 @@
 """Model surgery: put pool layers into any model, and take them out again.
 
-    inject(model, target=DEFAULT_TARGETS, config=PoolConfig(...))   nn.Linear -> FusedRank1PoolLinear,
-                                                                    nn.MultiheadAttention -> PoolMultiheadAttention
+    inject(model, target="auto", config=PoolConfig(...))            nn.Linear -> FusedRank1PoolLinear,
+                                                                    nn.MultiheadAttention -> PoolMultiheadAttention,
+                                                                    timm's fused qkv -> one pool per q, k, v
     merge_all(model, top_m=4)                                       fold each layer's top experts into its weight
     unload(model)                                                   back to plain nn.Linear / nn.MultiheadAttention
     ago_penalty(model, top_m=4)                                     the AGO loss averaged over all pool layers
@@ -18,6 +19,10 @@ import torch.nn as nn
 
 from .ago import ago_loss_grouped
 from .attention import PoolMultiheadAttention
+from ._checks import check_choice
+from .families import (
+    TEXT_ROUTING, SplitQKVLinear, find_towers, install_text_routing, is_fused_qkv, remove_text_routing, select_towers,
+)
 from .module import FusedRank1PoolLinear
 
 # open_clip and OpenAI CLIP residual blocks: the attention (q, k, v, out) and both MLP linears of every block,
@@ -60,7 +65,10 @@ def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    # The replacement takes the train/eval mode of the module it replaces (new modules start in training mode).
+    new.train(getattr(parent, child).training)
+    setattr(parent, child, new)
 
 
 def _batch_first_for(name: str, attention_layouts: dict[str, bool]) -> bool:
@@ -82,12 +90,43 @@ def pool_layers(model: nn.Module) -> Iterator[tuple[str, FusedRank1PoolLinear]]:
             yield name, module
 
 
-def inject(model: nn.Module, target: Target = DEFAULT_TARGETS, config: PoolConfig | None = None, **overrides) -> nn.Module:
-    """Swap every nn.Linear and nn.MultiheadAttention whose qualified name matches `target` (glob patterns that
-    match the whole name or its end after a dot, or a callable(name, module) -> bool) for pool layers built from `config` (keyword overrides allowed). In place;
-    returns the model. Before training the injected model computes what the original computed."""
-    config = dataclasses.replace(config or PoolConfig(), **overrides)
+def _target_matcher(target: Target, towers, restrict_to_towers: bool) -> Callable[[str, nn.Module], bool]:
+    """target="auto": each tower's default targets inside its blocks (DEFAULT_TARGETS anywhere when the model has
+    no recognised tower); otherwise the given patterns, inside the selected towers when towers were selected."""
+    if isinstance(target, str) and target == "auto":
+        if not towers:
+            return _matcher(DEFAULT_TARGETS)
+        tower_matchers = [(tower, _matcher(tower.default_targets)) for tower in towers]
+        return lambda name, module: any(tower.contains(name) and m(name, module) for tower, m in tower_matchers)
     matches = _matcher(target)
+    if not restrict_to_towers:
+        return matches
+    return lambda name, module: matches(name, module) and any(tower.contains(name) for tower in towers)
+
+
+def inject(
+    model: nn.Module,
+    target: Target = "auto",
+    config: PoolConfig | None = None,
+    *,
+    towers: str | Sequence[str] | None = None,
+    text_routing: str = "eot",
+    **overrides,
+) -> nn.Module:
+    """Swap every nn.Linear and nn.MultiheadAttention whose qualified name matches `target` for pool layers built
+    from `config` (keyword overrides allowed). In place; returns the model. Before training the injected model
+    computes what the original computed.
+
+    target: "auto" (the default targets of every tower that rank1_kernels.families recognises: open_clip, OpenAI
+    clip, transformers CLIP, timm ViT; DEFAULT_TARGETS when none is recognised), glob patterns that match the whole
+    qualified name or its end after a dot, or a callable(name, module) -> bool.
+    towers: None (all) or a subset of ("vision", "text"): only modules inside those towers' blocks.
+    text_routing: "eot" routes text-tower layers on each caption's end-of-text token, "first" on token 0 (the
+    paper's code; constant under the causal mask). A timm fused qkv Linear gets one pool per q, k, v slice."""
+    config = dataclasses.replace(config or PoolConfig(), **overrides)
+    check_choice("text_routing", text_routing, TEXT_ROUTING)
+    found_towers = find_towers(model)
+    matches = _target_matcher(target, select_towers(found_towers, towers), restrict_to_towers=towers is not None)
     attention_layouts = {
         name: module.batch_first for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
     }
@@ -113,6 +152,14 @@ def inject(model: nn.Module, target: Target = DEFAULT_TARGETS, config: PoolConfi
 
             replacements[name] = PoolMultiheadAttention.from_mha(module, wrap)
             inside_replaced += (name + ".",)
+        elif isinstance(module, nn.Linear) and is_fused_qkv(name, module, found_towers):
+            batch_first = _batch_first_for(name, attention_layouts)
+
+            def wrap_slice(role: str, linear: nn.Linear) -> nn.Module:
+                return make_pool(linear, batch_first) if role in config.attention_projections else linear
+
+            replacements[name] = SplitQKVLinear.from_linear(module, wrap_slice)
+            inside_replaced += (name + ".",)
         elif isinstance(module, nn.Linear):
             replacements[name] = make_pool(module, _batch_first_for(name, attention_layouts))
             inside_replaced += (name + ".",)
@@ -125,19 +172,22 @@ def inject(model: nn.Module, target: Target = DEFAULT_TARGETS, config: PoolConfi
         raise ValueError("inject() cannot replace the model object itself; use FusedRank1PoolLinear.from_linear()")
     for name, new in replacements.items():
         _set_submodule(model, name, new)
+    install_text_routing(model, found_towers, text_routing)
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every pool layer by a plain nn.Linear and every PoolMultiheadAttention by nn.MultiheadAttention,
-    with the merged weights. Unmerged pool experts are dropped: call merge_all() first. In place; returns model."""
+    """Replace every pool layer by a plain nn.Linear, every PoolMultiheadAttention by nn.MultiheadAttention and
+    every split qkv by its fused nn.Linear, with the merged weights, and remove the routing hooks. Unmerged pool
+    experts are dropped: call merge_all() first. In place; returns model."""
+    remove_text_routing(model)
     replacements = {}
     for name, module in model.named_modules():
         if any(name.startswith(done + ".") for done in replacements):
             continue
         if isinstance(module, PoolMultiheadAttention):
             replacements[name] = module.to_mha()
-        elif isinstance(module, FusedRank1PoolLinear):
+        elif isinstance(module, (FusedRank1PoolLinear, SplitQKVLinear)):
             replacements[name] = module.to_linear()
     for name, new in replacements.items():
         if name == "":

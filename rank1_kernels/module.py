@@ -33,7 +33,8 @@ class FusedRank1PoolLinear(nn.Module):
     not, (in,) as one sample, or 2-D (rows, in) with `tokens_per_sample=` or `routing_tokens=` given to
     forward (or set as attributes): the batch size is never guessed from the token count.
     The routing token of each sample is token `routing_token_index` (0: the [CLS] token of a ViT) of this
-    layer's own input, unless routing_tokens (N, in) are passed explicitly.
+    layer's own input, unless routing_tokens (N, in) are passed explicitly or `routing_positions` (N,) int64
+    names a token per sample (set by a hook, e.g. the end-of-text token of a causal text tower).
 
     Buffers: activation_counts (r,) counts how often each expert was chosen in training; merge(top_m) folds the
     most used experts into W and records them (merged_A, merged_B, ...) for unmerge() and for the AGO loss.
@@ -69,6 +70,7 @@ class FusedRank1PoolLinear(nn.Module):
         self.routing, self.gate, self.backend = routing, gate, backend
         self.batch_first = batch_first
         self.routing_token_index = 0
+        self.routing_positions: torch.Tensor | None = None
         self.tokens_per_sample: int | None = None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
@@ -167,6 +169,8 @@ class FusedRank1PoolLinear(nn.Module):
         check_same_device_dtype("x", x, weight=self.weight)
         tokens_per_sample = tokens_per_sample if tokens_per_sample is not None else self.tokens_per_sample
         rows, tokens_per_sample, restore = self._flatten(x, tokens_per_sample, routing_tokens)
+        if routing_tokens is None and self.routing_positions is not None:
+            routing_tokens = self._tokens_at_routing_positions(rows, tokens_per_sample)
         if routing_tokens is None:
             n_samples = rows.shape[0] // tokens_per_sample
             if not 0 <= self.routing_token_index < tokens_per_sample:
@@ -186,6 +190,18 @@ class FusedRank1PoolLinear(nn.Module):
             lora_input=lora_input, backend=self.backend,
         )  # fmt: skip
         return restore(y)
+
+    def _tokens_at_routing_positions(self, rows: torch.Tensor, tokens_per_sample: int) -> torch.Tensor:
+        """(n_samples, in): token routing_positions[s] of each sample s of the sample-major rows."""
+        n_samples = rows.shape[0] // tokens_per_sample
+        positions = self.routing_positions
+        if positions.shape != (n_samples,) or positions.dtype != torch.int64:
+            raise ValueError(
+                f"routing_positions must be int64 of shape (n_samples={n_samples},), got {positions.dtype} "
+                f"{tuple(positions.shape)}; it was set for another batch (set it per forward, or to None)"
+            )
+        per_sample = rows.reshape(n_samples, tokens_per_sample, self.in_features)
+        return per_sample[torch.arange(n_samples, device=rows.device), positions.to(rows.device)]
 
     # ---- merging -------------------------------------------------------------------------------------------
 

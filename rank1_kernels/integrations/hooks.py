@@ -1,0 +1,59 @@
+"""The continual-learning life cycle as functions of the model, for trainers that only have hooks to call.
+
+    from rank1_kernels.integrations import hooks
+    hooks.begin_task(model, task_id)              # a fresh pool in every layer
+    loss = task_loss + hooks.loss_extra(model)    # + ago_weight * AGO (zero on the first task)
+    hooks.end_task(model, top_m=4)                # merge the top_m experts of every layer
+    checkpoint = {"model": model.state_dict(), "pool_lifecycle": hooks.state_dict(model)}
+
+Each model gets one PoolLifecycle (see rank1_kernels.lifecycle), created on the first call with the given
+settings; lifecycle_of(model) returns it. The pool tensors and merge history travel in model.state_dict(); the
+lifecycle's state_dict() holds the rest of the continual history (tasks run, counts and merged experts per task).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+from ..lifecycle import PoolLifecycle
+
+_LIFECYCLES: "weakref.WeakKeyDictionary[nn.Module, PoolLifecycle]" = weakref.WeakKeyDictionary()
+
+
+def lifecycle_of(
+    model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"
+) -> PoolLifecycle:
+    """The model's PoolLifecycle, created with these settings on the first call (later calls ignore them)."""
+    lifecycle = _LIFECYCLES.get(model)
+    if lifecycle is None:
+        lifecycle = PoolLifecycle(model, top_m=top_m, ago_weight=ago_weight, ago_p=ago_p, backend=backend)
+        _LIFECYCLES[model] = lifecycle
+    return lifecycle
+
+
+def begin_task(model: nn.Module, task_id, **settings) -> None:
+    """Start task `task_id`: a fresh pool in every layer. settings (top_m, ago_weight, ...) apply on the first call."""
+    lifecycle_of(model, **settings).begin_task(task_id)
+
+
+def loss_extra(model: nn.Module) -> torch.Tensor:
+    """ago_weight * the AGO penalty: add it to the task loss before backward()."""
+    return lifecycle_of(model).loss_extra()
+
+
+def end_task(model: nn.Module, top_m: int | None = None) -> dict[str, torch.Tensor]:
+    """Merge each layer's top_m most activated experts (the lifecycle's top_m when None); returns them per layer."""
+    return lifecycle_of(model).end_task(top_m)
+
+
+def state_dict(model: nn.Module) -> dict:
+    """The lifecycle's history (save it beside model.state_dict())."""
+    return lifecycle_of(model).state_dict()
+
+
+def load_state_dict(model: nn.Module, state: dict) -> None:
+    """Restore the lifecycle's history into the model's lifecycle (after model.load_state_dict())."""
+    lifecycle_of(model).load_state_dict(state)

@@ -1,0 +1,187 @@
+"""The pool layer through peft: a LoraConfig whose custom module mapping puts a pool of rank-1 experts on every
+targeted nn.Linear, so that get_peft_model, save_pretrained and merge_and_unload work as with peft's own LoRA.
+
+    from peft import get_peft_model
+    from rank1_kernels.integrations.peft_bridge import rank1_pool_lora_config
+
+    config = rank1_pool_lora_config(target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                                    r=12, lora_alpha=1.0, k=8, top_m=4)
+    model = get_peft_model(model, config)
+    ...                                     # train; PoolLifecycle(model) works on the peft model too
+    model = model.merge_and_unload()        # W += (alpha / r) B[:, top_m] A[top_m, :]: the weights of merge_all()
+
+LoraConfig's r, lora_alpha and lora_dropout mean what they mean for the pool (scaling alpha / r); k (experts per
+sample), top_m (experts merged), routing, gate and backend are arguments of rank1_pool_lora_config. One adapter per
+model: the pool's merge history is a continual-learning state, not a set of swappable adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from ..module import FusedRank1PoolLinear
+
+
+class SharedBasePoolLinear(FusedRank1PoolLinear):
+    """A pool layer whose frozen weight and bias are the Parameters of a peft layer's base nn.Linear (not copies):
+    merges write into the base layer, and its state_dict leaves them out (the base layer saves them)."""
+
+    @classmethod
+    def over(cls, base: nn.Linear, **pool_kwargs) -> "SharedBasePoolLinear":
+        layer = cls(
+            base.in_features, base.out_features, base.bias is not None, device=base.weight.device,
+            dtype=base.weight.dtype, **pool_kwargs,
+        )  # fmt: skip
+        layer.weight = base.weight
+        if base.bias is not None:
+            layer.bias = base.bias
+        return layer
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "weight", None)
+        destination.pop(prefix + "bias", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        shared = [prefix + "weight", prefix + "bias"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        missing_keys[:] = [key for key in missing_keys if key not in shared]
+
+
+class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
+    """peft tuner layer over an nn.Linear: y = base(x) + the pool's update, or base(x) alone when merged/disabled.
+
+    The pool is `lora_pool[adapter_name]`, a FusedRank1PoolLinear sharing the base layer's weight; its parameter
+    names contain "lora_", so peft trains exactly the pool (A, B and router) and saves it with the adapter."""
+
+    adapter_layer_names = ("lora_pool",)
+    other_param_names = ()
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig | None = None,
+        r: int = 12,
+        lora_alpha: float = 1.0,
+        lora_dropout: float = 0.0,
+        k: int = 8,
+        top_m: int = 4,
+        routing: str = "sample",
+        gate: str = "none",
+        backend: str = "auto",
+        batch_first: bool = True,
+        **unused_peft_kwargs,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"Rank1PoolLoraLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.lora_pool = nn.ModuleDict()
+        self.top_m = top_m
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, k, routing, gate, backend, batch_first)
+        self._active_adapter = adapter_name
+
+    def update_layer(self, adapter_name, r, lora_alpha, lora_dropout, k, routing, gate, backend, batch_first) -> None:
+        if self.lora_pool:
+            raise ValueError(
+                f"Rank1PoolLoraLinear holds one adapter; it has {list(self.lora_pool)} and was asked for "
+                f"{adapter_name!r} (merge the current one first: its merges are the continual-learning history)"
+            )
+        self.lora_pool[adapter_name] = SharedBasePoolLinear.over(
+            self.base_layer, r=r, k=k, alpha=float(lora_alpha), routing=routing, gate=gate, dropout=lora_dropout,
+            backend=backend, batch_first=batch_first,
+        )  # fmt: skip
+        self._freeze_base()
+
+    def _freeze_base(self) -> None:
+        """peft sets requires_grad on whole adapter modules; the shared base weight must stay frozen."""
+        for parameter in self.base_layer.parameters():
+            parameter.requires_grad_(False)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_base()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        self._freeze_base()
+
+    def _active_pool(self) -> FusedRank1PoolLinear | None:
+        active = [name for name in self.active_adapters if name in self.lora_pool]
+        if len(active) > 1:
+            raise ValueError(f"Rank1PoolLoraLinear runs one adapter at a time; active: {active}")
+        return self.lora_pool[active[0]] if active else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        pool = self._active_pool()
+        if self.disable_adapters or self.merged or pool is None:
+            return self.base_layer(x, *args, **kwargs)
+        return pool(x)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """What merging `adapter_name` adds to the base weight: scaling * B[:, top_m] A[top_m, :] in the weight's
+        dtype (the top_m most activated experts of the pool)."""
+        pool = self.lora_pool[adapter_name]
+        top = pool.top_experts(self.top_m)
+        dtype = pool._merge_dtype
+        return ((pool.lora_B[:, top].to(dtype) @ pool.lora_A[top].to(dtype)) * pool.scaling).to(pool.weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the top_m most activated experts into the base weight (FusedRank1PoolLinear.merge)."""
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name not in self.lora_pool or name in self.merged_adapters:
+                continue
+            pool = self.lora_pool[name]
+            if safe_merge:
+                merged = pool.weight.to(pool._merge_dtype) + self.get_delta_weight(name).to(pool._merge_dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} would give non-finite weights; not merged")
+            pool.merge(self.top_m, reset_pool=False)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self.lora_pool[self.merged_adapters.pop()].unmerge()
+
+    def __repr__(self) -> str:
+        return "rank1_pool." + super().__repr__()
+
+
+def rank1_pool_lora_config(
+    target_modules: str | Sequence[str],
+    r: int = 12,
+    lora_alpha: float = 1.0,
+    lora_dropout: float = 0.0,
+    k: int = 8,
+    top_m: int = 4,
+    routing: str = "sample",
+    gate: str = "none",
+    backend: str = "auto",
+    batch_first: bool = True,
+    **lora_config_kwargs,
+) -> LoraConfig:
+    """A LoraConfig whose targeted nn.Linear layers become Rank1PoolLoraLinear (peft's custom module mapping).
+
+    batch_first: the layout of the targeted layers' inputs (False for OpenAI-layout MLPs, which run (tokens, batch,
+    d)); the routing token of each sample is its token 0."""
+    config = LoraConfig(
+        target_modules=target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **lora_config_kwargs
+    )
+    config._register_custom_module({
+        nn.Linear: functools.partial(
+            Rank1PoolLoraLinear, k=k, top_m=top_m, routing=routing, gate=gate, backend=backend, batch_first=batch_first
+        )
+    })  # fmt: skip
+    return config
