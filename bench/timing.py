@@ -1,0 +1,169 @@
+"""Timers: the same interface on CPU (time.perf_counter) and CUDA (events, optionally CUDA graphs).
+
+A benchmark is a callable `step(buffer_index)` that runs one iteration on input buffer `buffer_index`; the
+buffers are made before timing (random-number generation never runs inside a timed loop) and rotated so that
+consecutive iterations read different memory (on GPU: enough buffers to overflow the L2 cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+Step = Callable[[int], object]
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Times of one benchmark in milliseconds: median and the 20th/80th percentiles (the spread), over `samples`
+    timed iterations; peak_memory_mib is the CUDA peak while it ran (None on CPU, where torch does not track it)."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float
+    samples: int
+    peak_memory_mib: float | None = None
+
+
+@dataclasses.dataclass
+class TimingConfig:
+    """warmup: untimed iterations first; min_samples/max_samples and target_seconds bound the timed iterations
+    (stop after target_seconds once min_samples are done)."""
+
+    warmup: int = 3
+    min_samples: int = 5
+    max_samples: int = 200
+    target_seconds: float = 0.5
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    position = fraction * (len(sorted_values) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def summarize(times_ms: list[float], peak_memory_mib: float | None = None) -> Measurement:
+    if not times_ms:
+        raise ValueError("summarize() needs at least one timed iteration")
+    ordered = sorted(times_ms)
+    return Measurement(
+        median_ms=statistics.median(ordered), p20_ms=_percentile(ordered, 0.2), p80_ms=_percentile(ordered, 0.8),
+        min_ms=ordered[0], samples=len(ordered), peak_memory_mib=peak_memory_mib,
+    )  # fmt: skip
+
+
+def time_cpu(step: Step, n_buffers: int, config: TimingConfig) -> Measurement:
+    """Wall-clock time of each iteration with time.perf_counter (CPU tensors: ops run synchronously)."""
+    for i in range(config.warmup):
+        step(i % n_buffers)
+    times_ms: list[float] = []
+    started = time.perf_counter()
+    while len(times_ms) < config.max_samples:
+        t0 = time.perf_counter()
+        step(len(times_ms) % n_buffers)
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+        if len(times_ms) >= config.min_samples and time.perf_counter() - started > config.target_seconds:
+            break
+    return summarize(times_ms)
+
+
+def _cuda_peak_mib(run_once: Callable[[], object]) -> float:
+    """Peak CUDA memory (MiB) allocated while `run_once` runs, above what was allocated before it."""
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_once()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+def _time_with_events(replay: Step, n_buffers: int, config: TimingConfig) -> list[float]:
+    """One pair of CUDA events around each iteration; the host waits only at the end of each batch of events."""
+    times_ms: list[float] = []
+    started = time.perf_counter()
+    batch = max(1, min(config.min_samples, 10))
+    while len(times_ms) < config.max_samples:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(batch)]
+        for offset, (start, end) in enumerate(events):
+            start.record()
+            replay((len(times_ms) + offset) % n_buffers)
+            end.record()
+        torch.cuda.synchronize()
+        times_ms.extend(start.elapsed_time(end) for start, end in events)
+        if len(times_ms) >= config.min_samples and time.perf_counter() - started > config.target_seconds:
+            break
+    return times_ms[: config.max_samples]
+
+
+def time_cuda(step: Step, n_buffers: int, config: TimingConfig) -> Measurement:
+    """CUDA events around each iteration after warm-up; peak memory of one iteration."""
+    for i in range(config.warmup):
+        step(i % n_buffers)
+    peak = _cuda_peak_mib(lambda: step(0))
+    return summarize(_time_with_events(step, n_buffers, config), peak)
+
+
+def time_cuda_graph(step: Step, n_buffers: int, config: TimingConfig) -> Measurement:
+    """The step captured once per buffer as a CUDA graph (launch overhead removed), then replayed and timed.
+
+    Raises whatever capture raises (e.g. an op that reads a value back to the host), so the caller can report
+    why a method cannot be captured."""
+    caller_stream = torch.cuda.current_stream()
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(caller_stream)
+    with torch.cuda.stream(side_stream):  # warm-up off the capture stream, as torch.cuda.graphs recommends
+        for i in range(max(config.warmup, 3)):
+            step(i % n_buffers)
+    caller_stream.wait_stream(side_stream)
+    graphs = []
+    try:
+        for i in range(n_buffers):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(i)
+            graphs.append(graph)
+    finally:
+        # A failed capture leaves torch.cuda.graph's capture stream current (its exit stops at capture_end).
+        torch.cuda.set_stream(caller_stream)
+    for graph in graphs:
+        graph.replay()
+    # No peak memory here: a graph's tensors live in its private pool, allocated at capture, not at replay.
+    return summarize(_time_with_events(lambda i: graphs[i].replay(), n_buffers, config))
+
+
+class TimeBudget:
+    """A wall-clock budget for a whole run: benchmarks ask `allows(what)` before each group and skip the rest once
+    it is spent (recorded in `skipped`), so the results written at the end exist even under an outer time limit."""
+
+    def __init__(self, minutes: float | None = None):
+        self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.skipped: list[str] = []
+
+    def allows(self, what: str) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.skipped.append(what)
+            return False
+        return True
+
+
+def buffers_to_defeat_cache(bytes_per_buffer: int, device: torch.device, minimum: int = 2, maximum: int = 16) -> int:
+    """How many input buffers to rotate: enough that together they are twice the GPU's L2 cache (2 on CPU)."""
+    if device.type != "cuda":
+        return minimum
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(minimum, min(maximum, math.ceil(2 * l2_bytes / max(bytes_per_buffer, 1))))
+
+
+def measure(step: Step, n_buffers: int, device: torch.device, config: TimingConfig, cuda_graph: bool = False):
+    """Dispatch to the right timer for the device."""
+    if device.type == "cuda":
+        return (time_cuda_graph if cuda_graph else time_cuda)(step, n_buffers, config)
+    if cuda_graph:
+        raise ValueError("CUDA-graph timing needs a CUDA device")
+    return time_cpu(step, n_buffers, config)

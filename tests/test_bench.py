@@ -1,0 +1,424 @@
+"""The bench/ harness: its baselines compute what they claim, its timers measure, its CLI writes every output;
+and a pytest-benchmark suite on small CPU shapes so that regressions show in CI output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # bench/ is run from the repository root and is not an installed package
+    sys.path.insert(0, ROOT)
+
+from bench.__main__ import main  # noqa: E402
+from bench.ago_bench import AgoSweep, ago_grouped_mean, make_ago_inputs  # noqa: E402
+from bench.baselines import DenseLoRALinear, OfficialPoolLinear, ago_loss_loop, make_peft_lora  # noqa: E402
+from bench.layer import LayerBenchmark, LayerShape, LayerSweep, ideal_cost  # noqa: E402
+from bench import timing  # noqa: E402
+from bench.timing import TimingConfig, summarize, time_cpu  # noqa: E402
+from rank1_kernels import FusedRank1PoolLinear, backends  # noqa: E402
+from _tolerance import assert_close_by_rule  # noqa: E402
+
+
+def _pool_pair(r: int, k: int, routing: str, seed: int = 0):
+    """The same pool layer in fp32 (under test) and fp64 (the oracle), with random non-zero B."""
+    torch.manual_seed(seed)
+    layer64 = FusedRank1PoolLinear(24, 40, r=r, k=k, routing=routing, dtype=torch.float64)
+    with torch.no_grad():
+        layer64.lora_B.normal_(0.0, 0.5)
+    layer32 = FusedRank1PoolLinear(24, 40, r=r, k=k, routing=routing, dtype=torch.float32)
+    layer32.load_state_dict(
+        {name: t.float() if t.is_floating_point() else t for name, t in layer64.state_dict().items()}
+    )
+    return layer32, layer64
+
+
+def _forward_and_grads(module, x):
+    """Output and gradients (x, lora_A, lora_B) of sum(y * g) for a fixed random g."""
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad((y * g).sum(), [x, module.lora_A, module.lora_B] if hasattr(module, "lora_A") else [x])
+    return y, grads
+
+
+def test_official_way_equals_batch_routed_pool():
+    layer32, layer64 = _pool_pair(r=12, k=5, routing="batch")
+    x64 = torch.randn(3, 7, 24, dtype=torch.float64)
+    oracle, oracle_grads = _forward_and_grads(layer64.train(), x64)
+    ours, ours_grads = _forward_and_grads(layer32.train(), x64.float())
+    official, official_grads = _forward_and_grads(OfficialPoolLinear(layer32).train(), x64.float())
+    assert_close_by_rule(official, ours, oracle, "official way, output")
+    for name, got, same_dtype, want in zip(("dx", "dA", "dB"), official_grads, ours_grads, oracle_grads):
+        assert_close_by_rule(got, same_dtype, want, f"official way, {name}")
+    # Only the batch-shared set S gets a gradient in A: the baseline really selects, it is not dense LoRA.
+    assert int((official_grads[1].abs().sum(dim=1) > 0).sum()) == 5
+
+
+@pytest.mark.parametrize("baseline", ["dense", "peft"])
+def test_dense_baselines_equal_pool_with_all_experts(baseline):
+    layer32, layer64 = _pool_pair(r=6, k=6, routing="sample")
+    x64 = torch.randn(2, 5, 24, dtype=torch.float64)
+    oracle, _ = _forward_and_grads(layer64.train(), x64)
+    ours, _ = _forward_and_grads(layer32.train(), x64.float())
+    module = DenseLoRALinear.from_pool(layer32) if baseline == "dense" else make_peft_lora(layer32)
+    assert not any(p.requires_grad for n, p in module.named_parameters() if "lora" not in n), "base must be frozen"
+    with torch.no_grad():
+        got = module(x64.float())
+    assert_close_by_rule(got, ours, oracle, f"{baseline} LoRA baseline")
+
+
+def test_ago_loop_equals_grouped_mean():
+    sweep = AgoSweep(widths=[16, 8], blocks=2, r=6, top_m=3, previous_tasks=[2])
+    inputs32 = make_ago_inputs(sweep, 2, torch.float32, torch.device("cpu"))
+    B_curs, B_prevs, cur_masks, prev_masks, tops = inputs32
+    oracle = ago_grouped_mean(
+        [b.double() for b in B_curs], [b.double() for b in B_prevs], cur_masks, prev_masks, "reference"
+    )
+    ours = ago_grouped_mean(B_curs, B_prevs, cur_masks, prev_masks, "reference")
+    assert_close_by_rule(ago_loss_loop(B_curs, B_prevs, tops), ours, oracle, "AGO per-layer loop")
+    assert len(B_curs) == 2 * 2 * 6 and float(oracle.detach()) > 0
+
+
+def test_ideal_cost_counts_gemm_work():
+    shape = LayerShape("m", "l", n_samples=1, tokens_per_sample=2, in_features=3, out_features=4)  # M=2, K=3, N=4
+    assert ideal_cost(shape, 1, "forward", 4, base_only=False) == (
+        2 * 2 * 4 * 3 + 2 * 2 * 3 + 2 * 2 * 4,
+        (6 + 12 + 8 + 7) * 4,
+    )
+    assert ideal_cost(shape, 1, "forward", 4, base_only=True)[0] == 2 * 2 * 4 * 3
+    assert ideal_cost(shape, 1, "backward", 2, base_only=False)[0] == 2 * 2 * 4 * 3 + 4 * 2 * 4 + 4 * 2 * 3
+
+
+def test_summary_statistics():
+    summary = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (summary.median_ms, summary.min_ms, summary.samples) == (3.0, 1.0, 5)
+    assert summary.p20_ms == pytest.approx(1.8) and summary.p80_ms == pytest.approx(4.2)
+
+
+def test_cpu_timer_measures_the_step():
+    calls = []
+
+    def step(buffer_index):
+        calls.append(buffer_index)
+        time.sleep(0.002)
+
+    result = time_cpu(
+        step, n_buffers=3, config=TimingConfig(warmup=2, min_samples=4, max_samples=6, target_seconds=0.0)
+    )
+    assert 2.0 <= result.median_ms < 500.0
+    assert result.samples == 4 and len(calls) == 6
+    assert set(calls) == {0, 1, 2}, "buffers must rotate"
+
+
+def test_event_timer_rotates_buffers_within_a_batch(monkeypatch):
+    """The CUDA-event loop, run with stand-in events (no GPU here): every iteration gets the next buffer."""
+
+    class CountingEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing: bool):
+            self.time = None
+
+        def record(self):
+            CountingEvent.clock += 1.0
+            self.time = CountingEvent.clock
+
+        def elapsed_time(self, end):
+            return end.time - self.time
+
+    monkeypatch.setattr(torch.cuda, "Event", CountingEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    calls = []
+    times = timing._time_with_events(
+        calls.append, 3, TimingConfig(warmup=0, min_samples=7, max_samples=7, target_seconds=0.0)
+    )
+    assert calls == [0, 1, 2, 0, 1, 2, 0]
+    assert times == [1.0] * 7
+
+
+def test_graph_timer_captures_one_graph_per_buffer_and_replays_in_turn(monkeypatch):
+    """The CUDA-graph loop's control flow, with stand-ins for streams, graphs and events (no GPU here)."""
+    import contextlib
+
+    captured, replayed = [], []
+
+    class RecordingGraph:
+        def replay(self):
+            replayed.append(self.buffer)
+
+    capturing = {}
+
+    @contextlib.contextmanager
+    def graph_context(graph):
+        capturing["graph"] = graph
+        yield
+        capturing.pop("graph")
+
+    def step(buffer_index):
+        if "graph" in capturing:
+            capturing["graph"].buffer = buffer_index
+            captured.append(buffer_index)
+
+    class CountingEvent:
+        def __init__(self, enable_timing: bool):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordingGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph_context)
+    monkeypatch.setattr(torch.cuda, "Event", CountingEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    result = timing.time_cuda_graph(step, 3, TimingConfig(warmup=1, min_samples=5, max_samples=5, target_seconds=0.0))
+    assert captured == [0, 1, 2]
+    assert replayed == [0, 1, 2] + [0, 1, 2, 0, 1], "one untimed replay of each graph, then the timed ones in turn"
+    assert result.samples == 5 and result.peak_memory_mib is None
+
+
+class _RefusingBackend(backends.Backend):
+    name = "bench_test_refuses"
+
+    def refuse_reason(self, op, tensors):
+        return "this test backend refuses everything (install nothing, it is a test)"
+
+
+class _DelegatingBackend(backends.ReferenceBackend):
+    name = "bench_test_accepts"
+
+
+def test_every_backend_is_timed_or_its_refusal_reported(monkeypatch):
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_INSTANCES", {})
+    backends.register_backend(_RefusingBackend.name, 1000, _RefusingBackend)
+    backends.register_backend(_DelegatingBackend.name, 1001, _DelegatingBackend)
+    sweep = LayerSweep("main", [LayerShape("t", "p", 2, 3, 8, 8)], [4], [2], ["fp32"], directions=["forward"])
+    rows = list(LayerBenchmark(torch.device("cpu"), TimingConfig(1, 2, 2, 0.0), None, log=lambda m: None).run(sweep))
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["pool[bench_test_refuses]"]["status"] == "refused"
+    assert "refuses everything" in by_method["pool[bench_test_refuses]"]["reason"]
+    assert by_method["pool[bench_test_accepts]"]["status"] == "ok"
+    assert by_method["nn.Linear"]["ratio_to_linear"] == 1.0
+    for method in ("dense LoRA", "peft LoRA", "official (dense dW)", "pool[reference]"):
+        assert by_method[method]["status"] == "ok" and by_method[method]["median_ms"] > 0
+
+
+def test_cli_writes_table_csv_json_plots_and_readme(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["sweep", "--preset", "tiny", "--out", str(out), "--quiet", "--only", "ago,step"]) == 0
+    first_table = capsys.readouterr().out
+    assert "[ago]" in first_table and "[step]" in first_table and "[main]" not in first_table
+    assert main(["sweep", "--preset", "tiny", "--out", str(out), "--quiet", "--only", "main,tokens", "--append",
+                 "--note", "test run"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "[main]" in table and "nn.Linear  " in table and "1.00x" in table and "[ago]" in table, (
+        "the table shows the whole folder"
+    )
+
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["section"] for row in rows} == {"layer", "ago", "step"}, "--append must keep the earlier parts"
+    assert all(row["device"].startswith("CPU") and row["torch"] == torch.__version__ and row["commit"] for row in rows)
+    methods = {row["method"] for row in rows if row["section"] == "layer"}
+    assert {"nn.Linear", "dense LoRA", "peft LoRA", "official (dense dW)", "pool[reference]"} <= methods
+    ok_layer_rows = [row for row in rows if row["section"] == "layer" and row["status"] == "ok"]
+    assert ok_layer_rows and all(float(row["median_ms"]) > 0 and row["ratio_to_linear"] for row in ok_layer_rows)
+    steps = {row["method"]: row for row in rows if row["section"] == "step"}
+    assert float(steps["pool[reference]"]["steps_per_s"]) > 0 and steps["pool[reference]"]["n_pool_layers"] == "12"
+
+    with open(out / "results.json") as handle:
+        document = json.load(handle)
+    environment = document["environment"]
+    for key in ("device", "torch", "triton", "commit", "tree_dirty", "date_utc"):
+        assert key in environment
+    assert environment["device"].startswith("CPU")
+    assert document["conditions"]["preset"] == "tiny" and document["conditions"]["timing"]["warmup"] == 1
+    assert document["conditions"]["earlier_runs"][0]["parts"] == ["ago", "step"]
+
+    plots = sorted(name for name in os.listdir(out) if name.endswith(".png"))
+    assert any(name.startswith("time_vs_tokens") for name in plots) and any(
+        name.startswith("time_vs_r") for name in plots
+    )
+    for name in plots:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (out / "README.md").read_text()
+    summary = next(line for line in readme.splitlines() if line.startswith("| pool[reference] (batch) | perf_counter"))
+    assert summary.count("x |") == 2, f"geomean ratios to nn.Linear and to the official way expected: {summary}"
+    for expected in ("CPU", "test run", "ratio to nn.Linear", "Whole training step", "AGO loss", "Summary"):
+        assert expected in readme
+
+    for name in plots:
+        os.remove(out / name)
+    assert main(["report", "--out", str(out), "--note", "rebuilt from results.json"]) == 0
+    assert sorted(name for name in os.listdir(out) if name.endswith(".png")) == plots
+    assert "rebuilt from results.json" in (out / "README.md").read_text()
+    with open(out / "results.json") as handle:
+        assert json.load(handle)["results"] == document["results"], "report must not change the measurements"
+
+
+def test_cli_keeps_other_parts_when_one_fails(tmp_path, monkeypatch, capsys):
+    import bench.__main__ as cli
+
+    def broken_step(*args, **kwargs):
+        raise ImportError("open_clip is not installed")
+
+    monkeypatch.setattr(cli, "run_step", broken_step)
+    assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "ago,step"]) == 1
+    assert "part 'step' failed" in capsys.readouterr().err
+    with open(tmp_path / "results.json") as handle:
+        document = json.load(handle)
+    assert {row["section"] for row in document["results"]} == {"ago"}
+    assert document["conditions"]["failed_parts"] == {"step": "ImportError: open_clip is not installed"}
+    assert "open_clip is not installed" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_cli_times_a_fast_backend_forced_on_cpu(tmp_path):
+    """A fast backend plugs into the harness: Triton through its CPU interpreter (enabled before import, hence a
+    fresh process), timed only with --time-forced-only."""
+    import subprocess
+
+    from rank1_kernels import known_backends
+
+    if "triton" not in known_backends():
+        pytest.skip("no triton backend is declared in rank1_kernels.backends")
+    command = [sys.executable, "-m", "bench", "sweep", "--preset", "tiny", "--only", "tokens", "--quiet",
+               "--time-forced-only", "--triton-variants", "--out", str(tmp_path)]  # fmt: skip
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    with open(tmp_path / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for method in ("pool[triton]", "pool[triton-gather]", "pool[triton-mask]"):
+        timed = [row for row in rows if row["method"] == method]
+        assert timed and all(row["status"] == "ok" and float(row["median_ms"]) > 0 for row in timed), [
+            (row["status"], row["reason"]) for row in timed
+        ]
+
+
+def test_cli_time_budget_skips_groups_but_still_writes_results(tmp_path):
+    assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--budget-minutes", "0"]) == 0
+    with open(tmp_path / "results.json") as handle:
+        document = json.load(handle)
+    assert document["results"] == []
+    assert "layer [main] tiny proj fp32" in document["conditions"]["skipped_for_time"]
+    assert "step ViT-B-16 fp32" in document["conditions"]["skipped_for_time"]
+    assert "time budget" in (tmp_path / "README.md").read_text()
+
+
+def test_gpu_preset_covers_the_issue_grid():
+    from bench.presets import get_preset
+
+    preset = get_preset("gpu")
+    sweeps = {sweep.group: sweep for sweep in preset.layer_sweeps}
+    widths = {
+        (shape.model, shape.in_features, shape.out_features) for sweep in sweeps.values() for shape in sweep.shapes
+    }
+    assert {("vit-b16", 768, 768), ("vit-b16", 768, 2304), ("vit-b16", 768, 3072)} <= widths
+    assert {model for model, _, _ in widths} == {"vit-b16", "vit-l14", "llm-4096"}
+    assert all(shape.rows == 32 * 197 for shape in sweeps["vit-b16"].shapes)
+    for group in ("vit-b16", "vit-l14", "llm-4096"):
+        sweep = sweeps[group]
+        assert (sweep.ranks, sweep.top_ks, sweep.cuda_graphs) == ([12, 64, 256], [4, 8, 16], True)
+        assert set(sweep.directions) == {"forward", "backward", "forward+backward"}
+    assert {dtype for sweep in sweeps.values() for dtype in sweep.dtypes} == {"bf16", "fp16", "fp32"}
+    assert len({shape.rows for shape in sweeps["tokens"].shapes}) >= 6
+    assert len(preset.ago.layer_widths()) == 144
+    assert (preset.step.model, preset.step.batch_size) == ("ViT-B-16", 32)
+
+
+def test_cli_refuses_the_gpu_preset_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal applies to machines without it")
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main(["sweep", "--preset", "gpu", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not a part of preset"):
+        main(["sweep", "--preset", "tiny", "--only", "nonexistent"])
+
+
+@pytest.mark.gpu
+def test_layer_benchmark_on_cuda_with_events_graphs_memory_and_throughput():
+    from bench.environment import nominal_peaks
+
+    device = torch.device("cuda")
+    sweep = LayerSweep("main", [LayerShape("t", "p", 4, 33, 64, 96)], [8], [4], ["bf16"], cuda_graphs=True)
+    peaks = nominal_peaks(torch.cuda.get_device_name(device))
+    rows = list(LayerBenchmark(device, TimingConfig(2, 5, 10, 0.0), peaks, log=lambda m: None).run(sweep))
+    events = {(row["method"], row["direction"]): row for row in rows if row["timer"] == "events"}
+    graphs = {(row["method"], row["direction"]): row for row in rows if row["timer"] == "cuda-graph"}
+    for method in ("nn.Linear", "dense LoRA", "official (dense dW)", "pool[reference]"):
+        for direction in ("forward", "backward", "forward+backward"):
+            row = events[(method, direction)]
+            assert row["status"] == "ok", row["reason"]
+            assert row["median_ms"] > 0 and row["peak_memory_mib"] is not None and row["tflops"] > 0
+            if peaks is not None:
+                assert 0 < row["flops_fraction"] < 1 and 0 < row["bandwidth_fraction"] < 1
+    for (method, direction), row in events.items():  # every backend that accepts the inputs must also run them
+        assert row["status"] in ("ok", "refused"), f"{method} {direction}: {row['reason']}"
+    for method in ("nn.Linear", "dense LoRA", "official (dense dW)"):  # capturable: no host reads
+        assert graphs[(method, "forward+backward")]["status"] == "ok", graphs[(method, "forward+backward")]["reason"]
+    assert graphs[("nn.Linear", "backward")]["status"] == "skipped"
+
+
+# ---- pytest-benchmark suite: small CPU shapes, forward+backward, few rounds ---------------------------------
+
+_SMALL = dict(n_samples=2, tokens=50, d_in=128, d_out=128, r=12, k=4)
+
+
+def _small_modules():
+    torch.manual_seed(0)
+    layer = FusedRank1PoolLinear(_SMALL["d_in"], _SMALL["d_out"], r=_SMALL["r"], k=_SMALL["k"], routing="batch")
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.02)
+    return {
+        "nn.Linear": layer.to_linear().requires_grad_(False),
+        "dense LoRA": DenseLoRALinear.from_pool(layer),
+        "official (dense dW)": OfficialPoolLinear(layer),
+        "pool[reference]": layer,
+    }
+
+
+@pytest.mark.benchmark(group="layer forward+backward, 2x50 tokens, 128->128, r=12 k=4, fp32")
+@pytest.mark.parametrize("method", ["nn.Linear", "dense LoRA", "official (dense dW)", "pool[reference]"])
+def test_benchmark_layer_forward_backward(benchmark, method):
+    module = _small_modules()[method].train()
+    x = torch.randn(_SMALL["n_samples"], _SMALL["tokens"], _SMALL["d_in"], requires_grad=True)
+    grad = torch.randn(_SMALL["n_samples"], _SMALL["tokens"], _SMALL["d_out"])
+    inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+
+    def step():
+        return torch.autograd.grad(module(x), inputs, grad, allow_unused=True)
+
+    grads = benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+    assert grads[0].shape == x.shape and torch.isfinite(grads[0]).all()
+
+
+@pytest.mark.benchmark(group="AGO loss forward+backward, 48 layers")
+@pytest.mark.parametrize("method", ["per-layer loop", "grouped[reference]"])
+def test_benchmark_ago(benchmark, method):
+    sweep = AgoSweep(widths=[128, 64], blocks=4, r=12, top_m=4, previous_tasks=[5])
+    B_curs, B_prevs, cur_masks, prev_masks, tops = make_ago_inputs(sweep, 5, torch.float32, torch.device("cpu"))
+    if method == "per-layer loop":
+        loss_fn = lambda: ago_loss_loop(B_curs, B_prevs, tops)  # noqa: E731
+    else:
+        loss_fn = lambda: ago_grouped_mean(B_curs, B_prevs, cur_masks, prev_masks, "reference")  # noqa: E731
+    grads = benchmark.pedantic(lambda: torch.autograd.grad(loss_fn(), B_curs), rounds=20, warmup_rounds=3)
+    assert len(grads) == 48 and all(torch.isfinite(g).all() for g in grads)
