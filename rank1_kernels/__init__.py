@@ -9,6 +9,7 @@ Layers, from the bottom:
     lifecycle                     begin_task / loss_extra / end_task hooks for any trainer
 """
 
+from ._checks import set_device_sync_checks
 from .adapters import load_adapters, save_adapters
 from .ago import ago_loss, ago_loss_grouped, ago_loss_grouped_ref, ago_loss_ref
 from .attention import PoolMultiheadAttention
@@ -57,6 +58,7 @@ __all__ = [
     "resolve_backend",
     "route",
     "save_adapters",
+    "set_device_sync_checks",
     "set_text_routing",
     "top_experts",
     "unload",

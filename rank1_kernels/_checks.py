@@ -57,13 +57,28 @@ def check_rows_divisible(n_rows: int, tokens_per_sample: int) -> int:
     return n_rows // tokens_per_sample
 
 
+# Checks that read a value back from a GPU stall the stream once per layer and forward; on GPU they run only
+# when asked for (set_device_sync_checks(True)), on CPU tensors always.
+_DEVICE_SYNC_CHECKS = {"enabled": False}
+
+
+def set_device_sync_checks(enabled: bool) -> None:
+    """Turn on (or off) the input checks that need a host sync on GPU tensors, such as NaN/Inf in routing
+    scores. Off by default on GPU for speed: a non-finite routing token also makes the layer's output non-finite,
+    so the loss shows it; turn this on to find the layer where it starts."""
+    _DEVICE_SYNC_CHECKS["enabled"] = bool(enabled)
+
+
 def check_finite_scores(scores: torch.Tensor) -> None:
     """Routing on NaN/Inf would pick arbitrary experts silently; refuse instead.
 
-    This reads a flag back from the device, so it is skipped while compiling or capturing CUDA graphs."""
+    This reads a flag back from the device, so it is skipped while compiling, and on accelerators unless
+    set_device_sync_checks(True) was called (never while capturing CUDA graphs)."""
     if torch.compiler.is_compiling():
         return
-    if scores.is_cuda and torch.cuda.is_current_stream_capturing():
+    if scores.device.type != "cpu" and (
+        not _DEVICE_SYNC_CHECKS["enabled"] or (scores.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
         return
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         bad = (~torch.isfinite(scores)).nonzero()[0].tolist()

@@ -96,3 +96,19 @@ def test_inject_errors():
         PoolConfig(attention_projections=("q", "x"))
     with pytest.raises(TypeError, match="from_linear expects an nn.Linear"):
         FusedRank1PoolLinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.gpu
+def test_non_finite_routing_scores_on_gpu_are_checked_when_asked():
+    from rank1_kernels import set_device_sync_checks
+
+    layer = _layer().cuda()
+    x = torch.randn(3, 2, 8, device="cuda")
+    x[1, 0, 2] = float("nan")
+    layer(x)  # no host sync by default: the NaN shows in the output instead
+    set_device_sync_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"routing scores contain NaN or Inf"):
+            layer(x)
+    finally:
+        set_device_sync_checks(False)
