@@ -1,0 +1,133 @@
+"""Per-task checkpoints, written atomically, loadable without executing code.
+
+    <run_dir>/checkpoints/task_03_DTD/
+        task_pool.safetensors   the task's trained pool before its merge: A, B, router weights, activation counts
+        adapters.safetensors    every pool layer after the merge (merge history included)   [pool, lora]
+        model.safetensors       the whole model after the task                               [full]
+        state.pt                optimizer state, RNG states, the life-cycle history, the results so far, the config
+                                (plain tensors and containers: torch.load(weights_only=True))
+    <run_dir>/checkpoints/latest.json   {"finished_tasks": 4, "directory": "task_03_DTD"}, written last
+
+A run killed at any point resumes from the last task whose latest.json was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rank1_kernels import load_adapters, save_adapters
+from rank1_kernels.adapters import atomic_write
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+# Settings that may change between a run and its resumption (they do not change the computation).
+RESUMABLE_DIFFERENCES = ("run.", "data.num_workers", "data.data_root", "model.device", "train.log_every")
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) generator states as tensors and plain containers."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *map(float, numpy_state[2:])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved_config: dict, config: dict) -> None:
+    """Resuming with a different computation would not reproduce the uninterrupted run: refuse, naming the keys."""
+    saved, current = _flatten(saved_config), _flatten(config)
+    different = sorted(
+        key for key in set(saved) | set(current)
+        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_DIFFERENCES)
+    )  # fmt: skip
+    if different:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in different[:6])
+        raise ValueError(
+            f"cannot resume: the configuration differs from the checkpointed run in {details}; resume with the "
+            f"same settings or start a new run directory"
+        )
+
+
+def save_task_pool(directory: str, model: nn.Module) -> None:
+    save_adapters(model, os.path.join(directory, "task_pool.safetensors"))
+
+
+def task_directory(run_dir: str, task_index: int, task_name: str) -> str:
+    safe = "".join(character if character.isalnum() else "_" for character in task_name)
+    return os.path.join(run_dir, CHECKPOINT_DIR, f"task_{task_index:02d}_{safe}")
+
+
+def save_checkpoint(directory: str, model: nn.Module, method: str, state: dict) -> None:
+    """Write the model part and state.pt into `directory`, then point latest.json at it (all atomic)."""
+    if method in ("pool", "lora"):
+        save_adapters(model, os.path.join(directory, "adapters.safetensors"))
+    else:
+        from safetensors.torch import save_file
+
+        tensors = {name: value.detach().contiguous().cpu() for name, value in model.state_dict().items()}
+        atomic_write(os.path.join(directory, "model.safetensors"), lambda temporary: save_file(tensors, temporary))
+    atomic_write(os.path.join(directory, "state.pt"), lambda temporary: torch.save(state, temporary))
+    latest = {"finished_tasks": state["finished_tasks"], "directory": os.path.basename(directory)}
+
+    def write_latest(temporary: str) -> None:
+        with open(temporary, "w") as handle:
+            json.dump(latest, handle)
+
+    atomic_write(os.path.join(os.path.dirname(directory), LATEST), write_latest)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The directory of the last finished task's checkpoint, or None when the run has none."""
+    path = os.path.join(run_dir, CHECKPOINT_DIR, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        latest = json.load(handle)
+    directory = os.path.join(run_dir, CHECKPOINT_DIR, latest["directory"])
+    if not os.path.isfile(os.path.join(directory, "state.pt")):
+        raise FileNotFoundError(f"{path} points at {directory!r}, which has no state.pt; the checkpoint is damaged")
+    return directory
+
+
+def load_checkpoint(directory: str, model: nn.Module, method: str, map_location="cpu") -> dict:
+    """Restore the model part into a freshly built (and, for pool/lora, freshly injected) model; returns state.pt."""
+    if method in ("pool", "lora"):
+        load_adapters(model, os.path.join(directory, "adapters.safetensors"))
+    else:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(map_location)))
+    return torch.load(os.path.join(directory, "state.pt"), map_location=map_location, weights_only=True)

@@ -1,0 +1,134 @@
+"""rank1_cl end to end on the tiny CLIP (CPU): a 2-task run, resume equality, the parameter report, the CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+from rank1_cl.__main__ import main
+from rank1_cl.config import CLConfig, apply_overrides
+from rank1_cl.metrics import summarize
+from rank1_cl.model import parameter_report
+from rank1_cl.trainer import run_continual
+
+from rank1_kernels import pool_layers
+
+
+def tiny_config(run_dir, **overrides) -> CLConfig:
+    config = CLConfig()
+    settings = {
+        "model.name": "rank1-tiny-vit", "data.benchmark": "synthetic", "data.tasks": ["shapes", "colors"],
+        "data.synthetic_train_per_class": 6, "data.synthetic_test_per_class": 4, "train.iterations": 4,
+        "train.batch_size": 8, "train.shots": 4, "train.seed": 3, "run.run_dir": str(run_dir),
+    }  # fmt: skip
+    settings.update(overrides)
+    return apply_overrides(config, settings).validate()
+
+
+def pool_state(model):
+    return {
+        name: (layer.weight.detach().clone(), layer.merged_B.detach().clone()) for name, layer in pool_layers(model)
+    }
+
+
+def test_two_task_run_end_to_end(tmp_path):
+    output = run_continual(tiny_config(tmp_path), progress=False)
+    results = output.results
+    mtil, xtail = results["matrices"]["mtil"], results["matrices"]["xtail"]
+    assert len(mtil) == len(xtail) == 2 and all(len(row) == 2 for row in mtil + xtail)
+    assert all(0.0 <= value <= 1.0 for row in mtil + xtail for value in row)
+    # Every pool layer merged its top-4 experts after each task, and a fresh pool follows each merge.
+    layers = list(pool_layers(output.model))
+    assert len(layers) == 2 * 2 * 6  # 2 towers x 2 blocks x (q, k, v, out, c_fc, c_proj)
+    for _, layer in layers:
+        assert layer.merge_sizes.tolist() == [4, 4]
+        assert layer.merged_B.abs().sum() > 0, "the merged experts were never trained"
+        assert not layer.lora_B.any()
+    assert results["trainable_parameters"] == sum(
+        layer.lora_A.numel() + layer.lora_B.numel() + layer.router.weight.numel() + layer.router.bias.numel()
+        for _, layer in layers
+    )
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["metrics"]["mtil"] == pytest.approx(summarize(mtil))
+    for name in ("accuracy_mtil.csv", "accuracy_mtil.png", "accuracy_xtail.csv", "accuracy_xtail.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    task_dir = tmp_path / "checkpoints" / "task_01_colors"
+    assert sorted(os.listdir(task_dir)) == ["adapters.safetensors", "state.pt", "task_pool.safetensors"]
+    state = torch.load(task_dir / "state.pt", weights_only=True)  # loadable without executing code
+    assert state["finished_tasks"] == 2 and state["results"]["matrices"]["mtil"] == mtil
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["directory"] == "task_01_colors"
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    # Dropout and batch routing on (the defaults): the RNG states and data order must be restored exactly.
+    whole = run_continual(tiny_config(tmp_path / "whole"), progress=False)
+    first = run_continual(tiny_config(tmp_path / "killed", **{"run.stop_after_task": 1}), progress=False)
+    assert len(first.results["matrices"]["mtil"]) == 1
+    resumed = run_continual(tiny_config(tmp_path / "killed", **{"run.resume": True}), progress=False)
+    assert resumed.results["matrices"] == whole.results["matrices"]
+    expected, actual = pool_state(whole.model), pool_state(resumed.model)
+    for name, (weight, merged_B) in expected.items():
+        assert torch.equal(actual[name][0], weight), f"{name}: merged weight differs after resuming"
+        assert torch.equal(actual[name][1], merged_B), f"{name}: merge history differs after resuming"
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run_continual(tiny_config(tmp_path, **{"run.stop_after_task": 1}), progress=False)
+    with pytest.raises(ValueError, match="train.lr"):
+        run_continual(tiny_config(tmp_path, **{"run.resume": True, "train.lr": 1e-3}), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_continual(tiny_config(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines_run(tmp_path, method):
+    config = tiny_config(tmp_path, **{"train.method": method, "train.iterations": 2, "run.checkpoints": False,
+                                      "data.tasks": ["digits"]})  # fmt: skip
+    output = run_continual(config, progress=False)
+    assert len(output.results["matrices"]["mtil"]) == 1
+    if method == "lora":
+        assert all(layer.merge_sizes.tolist() == [12] for _, layer in pool_layers(output.model))
+    else:
+        assert not list(pool_layers(output.model))
+        assert output.results["trainable_parameters"] == sum(p.numel() for p in output.model.parameters())
+
+
+def test_parameter_report_reproduces_the_paper():
+    report = parameter_report("ViT-B-16")
+    assert report["pool_layers"] == 144
+    assert report["trainable_with_routers"] == 4_978_368
+    assert report["trainable_without_routers"] == 3_317_760
+    assert round(100 * (1 - report["fraction_of_full"]), 1) == 96.7
+
+
+def test_cli_params_and_errors(tmp_path, capsys):
+    assert main(["params", "--model", "ViT-B-16"]) == 0
+    assert "4,978,368" in capsys.readouterr().out
+    assert main(["train", "--benchmark", "mtil", "--run-dir", str(tmp_path)]) == 2
+    assert "needs data.data_root" in capsys.readouterr().err
+    assert main(["train", "--benchmark", "mtil", "--data-root", str(tmp_path), "--model", "rank1-tiny-vit",
+                 "--run-dir", str(tmp_path / "run")]) == 2  # fmt: skip
+    assert "fgvc-aircraft-2013b" in capsys.readouterr().err
+    assert main(["train", "--benchmark", "synthetic", "--set", "train.iterations=lots"]) == 2
+    assert "wrong type" in capsys.readouterr().err
+    assert main(["train", "--benchmark", "synthetic", "--model", "ViT-Nonexistent"]) == 2
+    assert "not an open_clip architecture" in capsys.readouterr().err
+    assert (
+        main(["train", "--benchmark", "synthetic", "--model", "rank1-tiny-vit", "--pretrained", str(tmp_path / "x.pt")])
+        == 2
+    )
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_demo_command_runs(tmp_path, capsys):
+    code = main(["demo", "--run-dir", str(tmp_path), "--iterations", "2", "--pretrain-steps", "3", "--test-per-class",
+                 "1", "--domains", "shapes,digits", "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "rank-1 expert pool + AGO" in out and "sequential full fine-tuning" in out and "Transfer" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["method"] for row in summary["methods"]] == ["pool", "lora", "full"]
+    assert (tmp_path / "summary.csv").exists() and (tmp_path / "pool" / "accuracy_mtil.png").exists()
