@@ -128,3 +128,4 @@ def resolve_backend(name: str, op: str, tensors: Sequence[torch.Tensor]) -> Back
 
 
 register_lazy_backend("triton", "rank1_kernels.triton_backend")
+register_lazy_backend("cuda", "rank1_kernels.cuda_backend")

@@ -1,0 +1,212 @@
+// Torch ops over the CUDA kernels, registered as rank1::cuda_* (the Triton backend's ops are rank1::triton_*).
+// Fake (meta) implementations and autograd are registered from Python (rank1_kernels/cuda_backend.py).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "rank1_kernels.h"
+
+namespace rank1 {
+namespace {
+
+Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default: TORCH_CHECK(false, "rank1 CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "rank1 CUDA kernels: ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+// out[row, slot] (fp32) = in[row] . proj[expert(row, slot)]; proj addressed by (stride_expert, stride_dim).
+at::Tensor shrink(const at::Tensor& in, const at::Tensor& proj, int64_t stride_expert, int64_t stride_dim,
+                  const at::Tensor& idx, int64_t tokens_per_sample, cudaStream_t stream) {
+  const int64_t k = idx.size(1);
+  auto out = at::empty({in.size(0), k}, in.options().dtype(at::kFloat));
+  launch_shrink(dtype_of(in), in.data_ptr(), in.stride(0), proj.data_ptr(), stride_expert, stride_dim,
+                idx.data_ptr<int64_t>(), out.data_ptr<float>(), in.size(0), in.size(1), k, tokens_per_sample, stream);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_linear_fwd(const at::Tensor& x_in, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A_in,
+                                                   const at::Tensor& B_in, const at::Tensor& idx_in,
+                                                   const at::Tensor& gates_in, double scaling,
+                                                   int64_t tokens_per_sample,
+                                                   const std::optional<at::Tensor>& lora_input) {
+  check_cuda(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const auto x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  const auto idx = idx_in.contiguous(), gates = gates_in.contiguous();
+  const auto source = lora_input.has_value() ? lora_input->contiguous() : x;
+  auto y = at::linear(x, weight, bias).contiguous();  // cuBLAS
+  // A (r, d_in): expert e, dim d at e * d_in + d.
+  auto u = shrink(source, A, A.size(1), 1, idx, tokens_per_sample, stream);
+  // B (d_out, r): expert e, output o at o * r + e.
+  launch_expand_add(dtype_of(x), y.data_ptr(), u.data_ptr<float>(), gates.data_ptr(), static_cast<float>(scaling),
+                    B.data_ptr(), 1, B.size(1), idx.data_ptr<int64_t>(), x.size(0), B.size(0), idx.size(1),
+                    tokens_per_sample, stream);
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_linear_bwd(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A_in,
+    const at::Tensor& B_in, const at::Tensor& idx_in, const at::Tensor& gates_in, const at::Tensor& u_in,
+    double scaling, int64_t tokens_per_sample, const std::optional<at::Tensor>& lora_input) {
+  check_cuda(grad_y_in, "grad_y");
+  const c10::cuda::CUDAGuard guard(grad_y_in.device());
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const auto dy = grad_y_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  const auto idx = idx_in.contiguous(), gates = gates_in.contiguous(), u = u_in.contiguous();
+  const auto source = lora_input.has_value() ? lora_input->contiguous() : x;
+  const int64_t n_rows = x.size(0), d_in = x.size(1), d_out = B.size(0), r = B.size(1), k = idx.size(1);
+  const float scale = static_cast<float>(scaling);
+  const auto dtype = dtype_of(x);
+
+  // v[row, slot] = dy[row] . B[:, expert]: B^T (r, d_out) read through B's strides.
+  auto v = shrink(dy, B, 1, r, idx, tokens_per_sample, stream);
+  auto dx = at::matmul(dy, weight).contiguous();  // cuBLAS: the frozen base's input gradient
+  at::Tensor d_lora_input = lora_input.has_value() ? at::zeros_like(source) : at::empty({0}, x.options());
+  at::Tensor& lora_target = lora_input.has_value() ? d_lora_input : dx;
+  // d(lora input)[row, d] += sum_slot v * g * s * A[expert, d]: the expand with A^T.
+  launch_expand_add(dtype, lora_target.data_ptr(), v.data_ptr<float>(), gates.data_ptr(), scale, A.data_ptr(), d_in, 1,
+                    idx.data_ptr<int64_t>(), n_rows, d_in, k, tokens_per_sample, stream);
+
+  auto dgates = at::empty_like(gates);
+  launch_gate_grad(dtype, u.data_ptr<float>(), v.data_ptr<float>(), scale, dgates.data_ptr(), idx.size(0), k,
+                   tokens_per_sample, stream);
+
+  const int64_t n_pairs = idx.numel();
+  auto partial = at::empty({n_pairs, std::max(d_in, d_out)}, x.options().dtype(at::kFloat));
+  auto dA = at::empty_like(A);
+  launch_expert_grad(dtype, v.data_ptr<float>(), gates.data_ptr(), scale, source.data_ptr(), d_in,
+                     idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dA.data_ptr(), d_in, 1, r, n_rows, d_in, k,
+                     tokens_per_sample, stream);
+  auto dB = at::empty_like(B);
+  launch_expert_grad(dtype, u.data_ptr<float>(), gates.data_ptr(), scale, dy.data_ptr(), d_out,
+                     idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dB.data_ptr(), 1, r, r, n_rows, d_out, k,
+                     tokens_per_sample, stream);
+  return {dx, d_lora_input, dA, dB, dgates};
+}
+
+struct AgoLayout {
+  at::Tensor tables;  // (8, n_layers) int64 on the device: the AgoTables columns
+  std::vector<at::Tensor> keep_alive;  // contiguous copies the table points into
+  int64_t gram_size = 0;
+  int64_t max_d_out = 0;
+
+  AgoTables view() const {
+    const int64_t* base = tables.data_ptr<int64_t>();
+    const int64_t n = tables.size(1);
+    return {base, base + n, base + 2 * n, base + 3 * n, base + 4 * n, base + 5 * n, base + 6 * n, base + 7 * n, n};
+  }
+};
+
+AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at::Tensor>& b_prevs,
+                     const std::vector<at::Tensor>& cur_masks, const std::vector<at::Tensor>& prev_masks) {
+  const int64_t n = static_cast<int64_t>(b_curs.size());
+  TORCH_CHECK(b_prevs.size() == b_curs.size() && cur_masks.size() == b_curs.size() && prev_masks.size() == b_curs.size(),
+              "rank1 AGO: the four lists must have one entry per layer");
+  AgoLayout layout;
+  std::vector<int64_t> host(8 * n);
+  for (int64_t l = 0; l < n; ++l) {
+    check_cuda(b_curs[l], "B_cur");
+    auto cur = b_curs[l].contiguous(), prev = b_prevs[l].contiguous();
+    auto cur_mask = cur_masks[l].to(at::kBool).contiguous(), prev_mask = prev_masks[l].to(at::kBool).contiguous();
+    host[l] = reinterpret_cast<int64_t>(cur.data_ptr());
+    host[n + l] = reinterpret_cast<int64_t>(prev.data_ptr());
+    host[2 * n + l] = reinterpret_cast<int64_t>(cur_mask.data_ptr());
+    host[3 * n + l] = reinterpret_cast<int64_t>(prev_mask.data_ptr());
+    host[4 * n + l] = cur.size(0);
+    host[5 * n + l] = cur.size(1);
+    host[6 * n + l] = prev.size(1);
+    host[7 * n + l] = layout.gram_size;
+    layout.gram_size += cur.size(1) * prev.size(1);
+    layout.max_d_out = std::max(layout.max_d_out, cur.size(0));
+    layout.keep_alive.insert(layout.keep_alive.end(), {cur, prev, cur_mask, prev_mask});
+  }
+  const auto device = n ? b_curs[0].device() : at::Device(at::kCUDA);
+  layout.tables = at::tensor(host, at::TensorOptions().dtype(at::kLong)).view({8, n}).to(device);
+  return layout;
+}
+
+std::tuple<at::Tensor, at::Tensor> ago_fwd(const std::vector<at::Tensor>& b_curs, const std::vector<at::Tensor>& b_prevs,
+                                           const std::vector<at::Tensor>& cur_masks,
+                                           const std::vector<at::Tensor>& prev_masks, int64_t p) {
+  TORCH_CHECK(!b_curs.empty(), "rank1 AGO: no layers");
+  TORCH_CHECK(p == 1 || p == 2, "rank1 AGO: p must be 1 or 2, got ", p);
+  const c10::cuda::CUDAGuard guard(b_curs[0].device());
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
+  const auto fp32 = b_curs[0].options().dtype(at::kFloat);
+  auto gram = at::empty({layout.gram_size}, fp32);
+  auto losses = at::empty({static_cast<int64_t>(b_curs.size())}, fp32);
+  launch_ago_forward(dtype_of(b_curs[0]), layout.view(), gram.data_ptr<float>(), losses.data_ptr<float>(), p, stream);
+  return {losses, gram};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> ago_bwd(
+    const at::Tensor& grad_in, const at::Tensor& gram_in, const std::vector<at::Tensor>& b_curs,
+    const std::vector<at::Tensor>& b_prevs, const std::vector<at::Tensor>& cur_masks,
+    const std::vector<at::Tensor>& prev_masks, int64_t p, bool prev_requires_grad) {
+  const c10::cuda::CUDAGuard guard(b_curs[0].device());
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
+  const auto grad = grad_in.to(at::kFloat).contiguous(), gram = gram_in.contiguous();
+  std::vector<at::Tensor> d_curs, d_prevs;
+  std::vector<int64_t> cur_ptrs, prev_ptrs;
+  for (size_t l = 0; l < b_curs.size(); ++l) {
+    d_curs.push_back(at::empty(b_curs[l].sizes(), b_curs[l].options()));
+    cur_ptrs.push_back(reinterpret_cast<int64_t>(d_curs.back().data_ptr()));
+    if (prev_requires_grad) {
+      d_prevs.push_back(at::empty(b_prevs[l].sizes(), b_prevs[l].options()));
+      prev_ptrs.push_back(reinterpret_cast<int64_t>(d_prevs.back().data_ptr()));
+    }
+  }
+  const auto long_options = at::TensorOptions().dtype(at::kLong);
+  auto cur_table = at::tensor(cur_ptrs, long_options).to(grad.device());
+  auto prev_table = prev_requires_grad ? at::tensor(prev_ptrs, long_options).to(grad.device()) : at::Tensor();
+  launch_ago_backward(dtype_of(b_curs[0]), layout.view(), gram.data_ptr<float>(), grad.data_ptr<float>(), p,
+                      cur_table.data_ptr<int64_t>(), prev_requires_grad ? prev_table.data_ptr<int64_t>() : nullptr,
+                      layout.max_d_out, stream);
+  return {d_curs, d_prevs};
+}
+
+}  // namespace
+}  // namespace rank1
+
+// An importable module with no Python API of its own: `import rank1_kernels._C` runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY_FRAGMENT(rank1, m) {
+  m.def(
+      "cuda_pool_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor idx, Tensor gates, "
+      "float scaling, int tokens_per_sample, Tensor? lora_input) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_pool_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor idx, Tensor gates, "
+      "Tensor u, float scaling, int tokens_per_sample, Tensor? lora_input) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_ago_fwd(Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, Tensor[] prev_masks, int p) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_ago_bwd(Tensor grad, Tensor gram, Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, "
+      "Tensor[] prev_masks, int p, bool prev_requires_grad) -> (Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(rank1, CUDA, m) {
+  m.impl("cuda_pool_linear_fwd", &rank1::pool_linear_fwd);
+  m.impl("cuda_pool_linear_bwd", &rank1::pool_linear_bwd);
+  m.impl("cuda_ago_fwd", &rank1::ago_fwd);
+  m.impl("cuda_ago_bwd", &rank1::ago_bwd);
+}
