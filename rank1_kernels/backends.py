@@ -58,6 +58,21 @@ class ReferenceBackend(Backend):
         return ago_loss_grouped_ref(B_curs, B_prevs, cur_masks, prev_masks, p)
 
 
+def trainable_base_reason(op: str, tensors: Sequence[torch.Tensor], kernels: str) -> str | None:
+    """The fused kernels compute no dW or dbias: a reason to refuse a pool_linear whose base weight or bias
+    requires grad while autograd records. tensors = [x, weight, bias?, A, B, idx, gates, lora_input?]: the
+    weight is second and the bias the only 1-D one."""
+    if op != "pool_linear" or not torch.is_grad_enabled():
+        return None
+    frozen = [tensors[1]] + [t for t in tensors if t.dim() == 1]
+    if any(t.requires_grad for t in frozen):
+        return (
+            f"the {kernels} kernels keep the base weight and bias frozen (no dW, no dbias) but one requires grad; "
+            f"call weight.requires_grad_(False) / bias.requires_grad_(False) or use backend='reference'"
+        )
+    return None
+
+
 # name -> (priority for "auto": lower first, factory). Factories run on first use, not at import.
 _REGISTRY: dict[str, tuple[int, Callable[[], Backend]]] = {"reference": (100, ReferenceBackend)}
 # Backends that live in optional modules; importing them registers them. A failed import is remembered as the reason.

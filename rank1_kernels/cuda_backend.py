@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from .backends import Backend, register_backend
+from .backends import Backend, register_backend, trainable_base_reason
 
 BUILD_COMMAND = "RANK1_BUILD_CUDA=1 pip install -e . --no-build-isolation"
 JIT_COMMAND = "python -c 'import rank1_kernels.cuda_jit as j; j.load()'"
@@ -165,15 +165,7 @@ class CudaBackend(Backend):
             return f"dtype {dtype} is not supported by the CUDA kernels (bf16, fp16, fp32); use backend='reference'"
         if any(t.dtype != dtype for t in floating):
             return "all floating inputs must share one dtype for the CUDA kernels"
-        if op == "pool_linear" and torch.is_grad_enabled():
-            # tensors = [x, weight, bias?, A, B, idx, gates, lora_input?]: weight second, bias the only 1-D one.
-            frozen = [tensors[1]] + [t for t in tensors if t.dim() == 1]
-            if any(t.requires_grad for t in frozen):
-                return (
-                    "the CUDA kernels keep the base weight and bias frozen (no dW, no dbias) but one requires grad; "
-                    "call weight.requires_grad_(False) / bias.requires_grad_(False) or use backend='reference'"
-                )
-        return extension_missing_reason()
+        return trainable_base_reason(op, tensors, "CUDA") or extension_missing_reason()
 
     def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
         y, _ = torch.ops.rank1.cuda_pool_linear_fwd(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend, register_backend
+from .backends import Backend, register_backend, trainable_base_reason
 from .triton_ago import ago_refuse_reason, triton_ago_grouped
 from .triton_pool_linear import is_interpreted, triton_pool_linear
 
@@ -38,14 +38,9 @@ class TritonBackend(Backend):
         if device.type not in ("cpu", "cuda"):
             return (f"tensors on {device.type} are not supported (CUDA, or CPU under the interpreter); "
                     f"use backend='reference'")  # fmt: skip
-        if op == "pool_linear" and torch.is_grad_enabled():
-            # tensors = [x, weight, bias?, A, B, idx, gates, lora_input?]: weight is second, bias the only 1-D one.
-            frozen = [tensors[1]] + [t for t in tensors if t.dim() == 1]
-            if any(t.requires_grad for t in frozen):
-                return (
-                    "the Triton kernels keep the base weight and bias frozen (no dW, no dbias) but one requires grad; "
-                    "call weight.requires_grad_(False) / bias.requires_grad_(False) or use backend='reference'"
-                )
+        reason = trainable_base_reason(op, tensors, "Triton")
+        if reason is not None:
+            return reason
         if op == "ago_grouped":
             half = len(tensors) // 2
             return ago_refuse_reason(tensors[:half], tensors[half:])
