@@ -65,12 +65,15 @@ def trainable_base_reason(op: str, tensors: Sequence[torch.Tensor], kernels: str
     if op != "pool_linear" or not torch.is_grad_enabled():
         return None
     frozen = [tensors[1]] + [t for t in tensors if t.dim() == 1]
-    if any(t.requires_grad for t in frozen):
-        return (
-            f"the {kernels} kernels keep the base weight and bias frozen (no dW, no dbias) but one requires grad; "
-            f"call weight.requires_grad_(False) / bias.requires_grad_(False) or use backend='reference'"
-        )
-    return None
+    return frozen_base_message(kernels) if any(t.requires_grad for t in frozen) else None
+
+
+def frozen_base_message(kernels: str) -> str:
+    """What a fused backend says (refusing, or in its backward) when the base weight or bias requires grad."""
+    return (
+        f"the {kernels} kernels keep the base weight and bias frozen (no dW, no dbias) but one requires grad; "
+        f"call weight.requires_grad_(False) / bias.requires_grad_(False) or use backend='reference'"
+    )
 
 
 # name -> (priority for "auto": lower first, factory). Factories run on first use, not at import.

@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from .backends import Backend, register_backend, trainable_base_reason
+from .backends import Backend, frozen_base_message, register_backend, trainable_base_reason
 
 BUILD_COMMAND = "RANK1_BUILD_CUDA=1 pip install -e . --no-build-isolation"
 JIT_COMMAND = "python -c 'import rank1_kernels.cuda_jit as j; j.load()'"
@@ -96,10 +96,7 @@ def _pool_backward(ctx, grad_y, grad_u):
     x, weight, A, B, idx, gates, u, lora_input = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if needs[1] or needs[2]:
-        raise RuntimeError(
-            "the CUDA pool linear keeps the base weight and bias frozen (no dW, no dbias); set "
-            "weight.requires_grad_(False) and bias.requires_grad_(False), or use backend='reference'"
-        )
+        raise RuntimeError(frozen_base_message("CUDA"))
     dx, d_lora_input, dA, dB, dgates = torch.ops.rank1.cuda_pool_linear_bwd(
         grad_y, x, weight, A, B, idx, gates, u, ctx.scaling, ctx.tokens_per_sample, lora_input
     )

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import frozen_base_message
+
 VARIANTS = ("gather", "mask")
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
@@ -414,10 +416,7 @@ def _backward(ctx, grad_y, grad_u):
     x, weight, A, B, idx, gates, lora_input, u = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if needs[1] or needs[2]:
-        raise RuntimeError(
-            "the Triton pool linear keeps the base weight and bias frozen (no dW, no dbias); set "
-            "weight.requires_grad_(False) and bias.requires_grad_(False), or use backend='reference'"
-        )
+        raise RuntimeError(frozen_base_message("Triton"))
     grads = torch.ops.rank1.triton_pool_linear_bwd(
         grad_y, x, weight, A, B, idx, gates, ctx.scaling, ctx.tokens_per_sample, lora_input, u, ctx.variant,
         needs[0], ctx.has_lora_input and needs[9], needs[3], needs[4], needs[6],
