@@ -3,16 +3,38 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "rank1_kernels.h"
 
+// RANK1_CUDA_EMULATION: the test build (tests/cuda_emulation/) that runs these ops and the kernels on CPU tensors,
+// each CUDA thread a host thread. Only the device plumbing differs: which tensors are accepted, the stream, the
+// device guard, and the dispatch key the ops are registered under.
+#ifdef RANK1_CUDA_EMULATION
+#define RANK1_DISPATCH_KEY CPU
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#define RANK1_DISPATCH_KEY CUDA
+#endif
+
 namespace rank1 {
 namespace {
+
+#ifdef RANK1_CUDA_EMULATION
+constexpr auto kDeviceType = at::kCPU;
+struct DeviceGuard {
+  explicit DeviceGuard(at::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+constexpr auto kDeviceType = at::kCUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 Dtype dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -24,7 +46,8 @@ Dtype dtype_of(const at::Tensor& t) {
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "rank1 CUDA kernels: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device().type() == kDeviceType, "rank1 CUDA kernels: ", name, " must be a CUDA tensor, got ",
+              t.device());
 }
 
 // out[row, slot] (fp32) = in[row] . proj[expert(row, slot)]; proj addressed by (stride_expert, stride_dim).
@@ -44,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor> pool_linear_fwd(const at::Tensor& x_in, const
                                                    int64_t tokens_per_sample,
                                                    const std::optional<at::Tensor>& lora_input) {
   check_cuda(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const DeviceGuard guard(x_in.device());
+  const auto stream = current_stream();
   const auto x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
   const auto idx = idx_in.contiguous(), gates = gates_in.contiguous();
   const auto source = lora_input.has_value() ? lora_input->contiguous() : x;
@@ -64,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
     const at::Tensor& B_in, const at::Tensor& idx_in, const at::Tensor& gates_in, const at::Tensor& u_in,
     double scaling, int64_t tokens_per_sample, const std::optional<at::Tensor>& lora_input) {
   check_cuda(grad_y_in, "grad_y");
-  const c10::cuda::CUDAGuard guard(grad_y_in.device());
-  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const DeviceGuard guard(grad_y_in.device());
+  const auto stream = current_stream();
   const auto dy = grad_y_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
   const auto idx = idx_in.contiguous(), gates = gates_in.contiguous(), u = u_in.contiguous();
   const auto source = lora_input.has_value() ? lora_input->contiguous() : x;
@@ -135,7 +158,7 @@ AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at
     layout.max_d_out = std::max(layout.max_d_out, cur.size(0));
     layout.keep_alive.insert(layout.keep_alive.end(), {cur, prev, cur_mask, prev_mask});
   }
-  const auto device = n ? b_curs[0].device() : at::Device(at::kCUDA);
+  const auto device = n ? b_curs[0].device() : at::Device(kDeviceType);
   layout.tables = at::tensor(host, at::TensorOptions().dtype(at::kLong)).view({8, n}).to(device);
   return layout;
 }
@@ -145,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor> ago_fwd(const std::vector<at::Tensor>& b_curs
                                            const std::vector<at::Tensor>& prev_masks, int64_t p) {
   TORCH_CHECK(!b_curs.empty(), "rank1 AGO: no layers");
   TORCH_CHECK(p == 1 || p == 2, "rank1 AGO: p must be 1 or 2, got ", p);
-  const c10::cuda::CUDAGuard guard(b_curs[0].device());
-  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const DeviceGuard guard(b_curs[0].device());
+  const auto stream = current_stream();
   const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
   const auto fp32 = b_curs[0].options().dtype(at::kFloat);
   auto gram = at::empty({layout.gram_size}, fp32);
@@ -159,8 +182,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> ago_bwd(
     const at::Tensor& grad_in, const at::Tensor& gram_in, const std::vector<at::Tensor>& b_curs,
     const std::vector<at::Tensor>& b_prevs, const std::vector<at::Tensor>& cur_masks,
     const std::vector<at::Tensor>& prev_masks, int64_t p, bool prev_requires_grad) {
-  const c10::cuda::CUDAGuard guard(b_curs[0].device());
-  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const DeviceGuard guard(b_curs[0].device());
+  const auto stream = current_stream();
   const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
   const auto grad = grad_in.to(at::kFloat).contiguous(), gram = gram_in.contiguous();
   std::vector<at::Tensor> d_curs, d_prevs;
@@ -204,7 +227,7 @@ TORCH_LIBRARY_FRAGMENT(rank1, m) {
       "Tensor[] prev_masks, int p, bool prev_requires_grad) -> (Tensor[], Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(rank1, CUDA, m) {
+TORCH_LIBRARY_IMPL(rank1, RANK1_DISPATCH_KEY, m) {
   m.impl("cuda_pool_linear_fwd", &rank1::pool_linear_fwd);
   m.impl("cuda_pool_linear_bwd", &rank1::pool_linear_bwd);
   m.impl("cuda_ago_fwd", &rank1::ago_fwd);

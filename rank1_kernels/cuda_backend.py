@@ -150,13 +150,16 @@ class CudaBackend(Backend):
     """pool_linear and ago_grouped through the compiled rank1::cuda_* ops (CUDA tensors only)."""
 
     name = "cuda"
+    # The device the compiled ops are registered for. The test build that runs the kernels as host threads
+    # (tests/cuda_emulation/) registers them for CPU tensors and sets this to "cpu" in its own process.
+    device_type = "cuda"
 
     def refuse_reason(self, op, tensors):
         floating = [t for t in tensors if t.is_floating_point()]
         if not floating:
             return None  # nothing to compute
         dtype, device = floating[0].dtype, floating[0].device
-        if device.type != "cuda":
+        if device.type != self.device_type:
             return f"the CUDA kernels run on CUDA tensors only, got {device.type}; use backend='reference' on CPU"
         if dtype not in SUPPORTED_DTYPES:
             return f"dtype {dtype} is not supported by the CUDA kernels (bf16, fp16, fp32); use backend='reference'"

@@ -206,9 +206,11 @@ def test_fresh_process_compiles_auto_and_refuses_cpu_without_interpreter():
     assert "TRITON_INTERPRET=1" in result.stdout and "backend='reference'" in result.stdout, result.stdout
 
 
-# Compiles every kernel ahead of time for an sm_80 GPU in a process without the interpreter: Triton's GPU compiler
-# checks what the interpreter does not (tl.dot operand shapes and dtypes, loop bounds, shared memory), no GPU needed.
+# Compiles every kernel ahead of time for sm_80 and sm_90 GPUs (mma and wgmma paths) in a process without the
+# interpreter: Triton's GPU compiler checks what the interpreter does not (tl.dot operand shapes and dtypes, loop
+# bounds, shared memory), no GPU needed.
 _AOT_SCRIPT = """
+import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -217,9 +219,9 @@ from rank1_kernels import triton_ago as ta, triton_pool_linear as tp
 def compile_for_gpu(kernel, pointers, constants):
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scaling" else "i32")
                  for name in kernel.arg_names}
-    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 80, 32))
+    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", arch, 32))
 
-for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+for arch, (dtype, precision) in itertools.product((80, 90), (("bf16", "tf32"), ("fp32", "ieee"))):
     t = "*" + dtype
     dot = {"DOT_PRECISION": precision, "UPCAST_DOT": False}
     compile_for_gpu(tp._shrink_kernel, {"in_ptr": t, "proj_ptr": t, "table_ptr": "*i64", "out_ptr": "*fp32"},

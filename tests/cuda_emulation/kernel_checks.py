@@ -1,0 +1,151 @@
+"""The CUDA backend's kernels and bindings, run on CPU tensors through host emulation (build.py), against the
+reference ops. Not collected by the main test run (its name does not start with test_): the build registers
+rank1::cuda_* for CPU tensors, so tests/test_cuda_backend.py runs this file in a pytest process of its own.
+
+What this checks that compiling cannot: the kernels' indexing, strides, reductions and rounding, the launchers'
+grids and shared memory sizes, bindings.cpp's composition of the ops, and the Python autograd/fake glue, all as
+written in csrc/ and rank1_kernels/cuda_backend.py. What it cannot check: timing, real warp scheduling, and
+anything of the GPU's memory model beyond __syncthreads; those need a GPU (the `gpu`-marked tests)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: _tolerance, cuda_cases
+
+import cuda_cases
+from cuda_emulation import build
+
+import rank1_kernels
+from rank1_kernels import cuda_backend
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emulated_ops(tmp_path_factory):
+    build_dir = os.environ.get("RANK1_EMULATION_BUILD_DIR")
+    sanitize = os.environ.get("RANK1_EMULATION_SANITIZE") == "1"
+    build.load(Path(build_dir) if build_dir else tmp_path_factory.mktemp("cuda_emulation"), sanitize=sanitize)
+    cuda_backend.CudaBackend.device_type = "cpu"
+    assert cuda_backend.extension_missing_reason() is None  # registers the fakes and autograd of the real glue
+    torch.set_num_threads(1)  # the emulated kernels already run one host thread per CUDA thread
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", cuda_cases.SMALL_POOL_SHAPES, ids=str)
+@pytest.mark.parametrize("with_lora_input", [False, True], ids=["x", "lora_input"])
+def test_pool_linear_matches_the_reference(dtype, shape, with_lora_input):
+    cuda_cases.check_pool_linear("cpu", dtype, shape, with_lora_input)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [1, 2])
+def test_ago_matches_the_reference(dtype, p):
+    cuda_cases.check_ago("cpu", dtype, p, cuda_cases.SMALL_AGO_LAYERS)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_ago_gradient_of_the_history(p):
+    cuda_cases.check_ago_prev_gradient("cpu", p)
+
+
+def test_opcheck():
+    cuda_cases.check_opcheck("cpu")
+
+
+def test_compiled_layer():
+    cuda_cases.check_compiled_layer("cpu")
+
+
+def test_non_contiguous_inputs():
+    """The bindings take any strides (they make contiguous copies): a transposed x and a sliced A."""
+    x, weight, bias, A, B, idx, gates = cuda_cases.pool_case("cpu", 3, 4, 10, 9, 6, 2, torch.float32)
+    x_t = x.t().contiguous().t()  # same values, column-major
+    A_wide = torch.cat([A, torch.randn_like(A)], dim=1)[:, : A.shape[1]]
+    assert not x_t.is_contiguous() and not A_wide.is_contiguous()
+    got = rank1_kernels.rank1_pool_linear(x_t, weight, bias, A_wide, B, idx, gates, 0.5, 4, backend="cuda")
+    want = rank1_kernels.rank1_pool_linear(x, weight, bias, A, B, idx, gates, 0.5, 4, backend="reference")
+    oracle = rank1_kernels.rank1_pool_linear(
+        *(t.double() for t in (x, weight, bias, A, B)), idx, gates.double(), 0.5, 4, backend="reference"
+    )
+    cuda_cases.assert_close_by_rule(got, want, oracle, "non-contiguous inputs")
+
+
+def test_results_are_bitwise_deterministic():
+    """Fixed reduction orders and no atomics: two runs give the same bits, forward and backward."""
+    x, weight, bias, A, B, idx, gates = cuda_cases.pool_case("cpu", 3, 5, 17, 21, 7, 3, torch.bfloat16)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, gates)]
+        y = rank1_kernels.rank1_pool_linear(
+            leaves[0], weight, bias, *leaves[1:3], idx, leaves[3], 0.5, 5, backend="cuda"
+        )
+        return [y, *torch.autograd.grad(y.square().sum(), leaves)]
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
+
+
+def test_a_launch_beyond_cuda_limits_raises():
+    """The expand kernel's grid has one y-block per 256 output columns; CUDA allows 65535, so d_out beyond
+    65535 * 256 cannot launch. The launcher must say so (cudaGetLastError), not return unwritten memory."""
+    d_out = 65535 * 256 + 1
+    x = torch.randn(1, 1)
+    weight, B = torch.randn(d_out, 1), torch.randn(d_out, 1)
+    A, idx, gates = torch.randn(1, 1), torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1)
+    with pytest.raises(RuntimeError, match="launch of expand_add_kernel failed"):
+        torch.ops.rank1.cuda_pool_linear_fwd(x, weight, None, A, B, idx, gates, 1.0, 1, None)
+
+
+def test_emulated_16_bit_conversions_match_torch():
+    """Every fp16 and bf16 bit pattern widens as torch widens it; floats round to fp16/bf16 as torch rounds them
+    (round to nearest even), including ties, subnormals, overflow to infinity, infinities and NaN."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    for narrow, to_float in ((torch.float16, "half_bits_to_float"), (torch.bfloat16, "bfloat16_bits_to_float")):
+        want = patterns.view(narrow).float()
+        got = getattr(torch.ops.rank1_emu, to_float)(patterns)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()]), narrow
+
+    g = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    # Exact ties and near-ties of both formats, around the subnormal and overflow boundaries too.
+    grid = torch.cat(
+        [
+            torch.arange(0, 1 << 14),
+            torch.arange(0x33000000, 0x33000000 + (1 << 14)),
+            torch.arange(0x38800000 - (1 << 13), 0x38800000 + (1 << 13)),
+            torch.arange(0x477FE000, 0x47800000 + 16),
+            torch.arange(0x3F800000, 0x3F800000 + (1 << 17)),
+        ]
+    )
+    bits = torch.cat([random_bits, grid.to(torch.int32), -grid.to(torch.int32)])
+    values = bits.view(torch.float32)
+    values = torch.cat(
+        [
+            values,
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    float("inf"),
+                    -float("inf"),
+                    float("nan"),
+                    65504.0,
+                    65519.99,
+                    65520.0,
+                    3.3895314e38,
+                    3.4028235e38,
+                ]
+            ),
+        ]
+    )
+    for narrow, to_bits in ((torch.float16, "float_to_half_bits"), (torch.bfloat16, "float_to_bfloat16_bits")):
+        want = values.to(narrow)
+        got = getattr(torch.ops.rank1_emu, to_bits)(values).view(narrow)
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert same.all(), f"{narrow}: {int((~same).sum())} values round differently, e.g. {values[~same][:4].tolist()}"
