@@ -89,6 +89,13 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     status = _git("status", "--porcelain")
+    commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("RANK1_COMMIT"):
+        # A copy of the work tree without .git (e.g. on a lent GPU machine): the caller names the commit, and
+        # RANK1_TREE_DIRTY=1/0 whether the copy had uncommitted changes (unknown when unset).
+        commit = os.environ["RANK1_COMMIT"]
+        dirty = os.environ.get("RANK1_TREE_DIRTY")
+        status = None if dirty not in ("0", "1") else ("dirty" if dirty == "1" else "")
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "device": device_name(device),
@@ -99,7 +106,7 @@ def environment(device: torch.device) -> dict:
         "cuda_runtime": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": commit,
         "tree_dirty": None if status is None else bool(status),
         "torch_threads": torch.get_num_threads(),
         # Other processes competing for the CPU at the start (1, 5, 15 min); high values mean noisy CPU timings.

@@ -46,8 +46,7 @@ __device__ __forceinline__ float loss_slope(float g, int64_t p) {
 // grid (n_layers, column blocks over d_out): one thread per output row o of the layer's gradients.
 template <typename T>
 __global__ void ago_grad_kernel(AgoTables tables, const float* __restrict__ gram, const float* __restrict__ grad,
-                                int64_t p, const int64_t* __restrict__ d_cur_ptrs,
-                                const int64_t* __restrict__ d_prev_ptrs) {
+                                int64_t p, T* __restrict__ d_cur_packed, T* __restrict__ d_prev_packed) {
   const int64_t layer = blockIdx.x;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t d_out = tables.d_out[layer];
@@ -59,7 +58,7 @@ __global__ void ago_grad_kernel(AgoTables tables, const float* __restrict__ gram
   const int64_t r_cur = tables.r_cur[layer], r_prev = tables.r_prev[layer];
   const float* layer_gram = gram + tables.gram_offset[layer];
   const float scale = grad[layer];
-  T* d_cur = reinterpret_cast<T*>(d_cur_ptrs[layer]);
+  T* d_cur = d_cur_packed + tables.d_cur_offset[layer];
   for (int64_t i = 0; i < r_cur; ++i) {
     float acc = 0.f;
     if (cur_mask[i]) {
@@ -69,8 +68,8 @@ __global__ void ago_grad_kernel(AgoTables tables, const float* __restrict__ gram
     }
     d_cur[o * r_cur + i] = from_float<T>(acc * scale);
   }
-  if (d_prev_ptrs == nullptr) return;
-  T* d_prev = reinterpret_cast<T*>(d_prev_ptrs[layer]);
+  if (d_prev_packed == nullptr) return;
+  T* d_prev = d_prev_packed + tables.d_prev_offset[layer];
   for (int64_t j = 0; j < r_prev; ++j) {
     float acc = 0.f;
     if (prev_mask[j]) {
@@ -94,12 +93,12 @@ void launch_ago_forward(Dtype dtype, const AgoTables& tables, float* gram, float
 }
 
 void launch_ago_backward(Dtype dtype, const AgoTables& tables, const float* gram, const float* grad, int64_t p,
-                         const int64_t* d_cur_ptrs, const int64_t* d_prev_ptrs, int64_t max_d_out,
-                         cudaStream_t stream) {
+                         void* d_cur, void* d_prev, int64_t max_d_out, cudaStream_t stream) {
   if (tables.n_layers == 0 || max_d_out == 0) return;
   const dim3 grid(static_cast<unsigned int>(tables.n_layers), blocks_for(max_d_out, kAgoThreads));
   RANK1_DISPATCH(dtype, {
-    ago_grad_kernel<T><<<grid, kAgoThreads, 0, stream>>>(tables, gram, grad, p, d_cur_ptrs, d_prev_ptrs);
+    ago_grad_kernel<T><<<grid, kAgoThreads, 0, stream>>>(tables, gram, grad, p, static_cast<T*>(d_cur),
+                                                         static_cast<T*>(d_prev));
   });
   check_launch("ago_grad_kernel");
 }

@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <deque>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "rank1_kernels.h"
@@ -109,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
   launch_gate_grad(dtype, u.data_ptr<float>(), v.data_ptr<float>(), scale, dgates.data_ptr(), idx.size(0), k,
                    tokens_per_sample, stream);
 
-  const int64_t n_pairs = idx.numel();
-  auto partial = at::empty({n_pairs, std::max(d_in, d_out)}, x.options().dtype(at::kFloat));
+  const int64_t workspace = expert_grad_workspace(idx.size(0), k, tokens_per_sample, std::max(d_in, d_out));
+  auto partial = at::empty({workspace}, x.options().dtype(at::kFloat));
   auto dA = at::empty_like(A);
   launch_expert_grad(dtype, v.data_ptr<float>(), gates.data_ptr(), scale, source.data_ptr(), d_in,
                      idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dA.data_ptr(), d_in, 1, r, n_rows, d_in, k,
@@ -122,26 +125,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
   return {dx, d_lora_input, dA, dB, dgates};
 }
 
+// The device tables of a grouped AGO call, kept by their contents: a training loop passes the same B tensors and
+// masks every step, so the tables are copied to the device once and later calls launch without a host-to-device
+// copy (after one warm-up call with the same tensors the op can be captured in a CUDA graph). Equal contents mean
+// equal tables, so a hit is right even if an address was freed and reused since.
+class AgoTableCache {
+ public:
+  at::Tensor get(const std::vector<int64_t>& host, const at::Device& device) {
+    std::vector<int64_t> key(host);
+    key.push_back(device.index());
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& entry : entries_) {
+      if (entry.first == key) return entry.second;
+    }
+    auto table = at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(device);
+    if (entries_.size() == kCapacity) entries_.pop_front();  // oldest first
+    entries_.emplace_back(std::move(key), table);
+    return table;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 16;
+  std::mutex mutex_;
+  std::deque<std::pair<std::vector<int64_t>, at::Tensor>> entries_;
+};
+
+AgoTableCache& ago_table_cache() {
+  static AgoTableCache cache;
+  return cache;
+}
+
 struct AgoLayout {
-  at::Tensor tables;  // (8, n_layers) int64 on the device: the AgoTables columns
+  at::Tensor tables;                   // (kAgoTableColumns, n_layers) int64 on the device: the AgoTables columns
   std::vector<at::Tensor> keep_alive;  // contiguous copies the table points into
-  int64_t gram_size = 0;
-  int64_t max_d_out = 0;
+  int64_t gram_size = 0, d_cur_size = 0, d_prev_size = 0, max_d_out = 0;
 
   AgoTables view() const {
     const int64_t* base = tables.data_ptr<int64_t>();
     const int64_t n = tables.size(1);
-    return {base, base + n, base + 2 * n, base + 3 * n, base + 4 * n, base + 5 * n, base + 6 * n, base + 7 * n, n};
+    return {base,         base + n,     base + 2 * n, base + 3 * n, base + 4 * n, base + 5 * n,
+            base + 6 * n, base + 7 * n, base + 8 * n, base + 9 * n, n};
   }
 };
 
 AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at::Tensor>& b_prevs,
                      const std::vector<at::Tensor>& cur_masks, const std::vector<at::Tensor>& prev_masks) {
   const int64_t n = static_cast<int64_t>(b_curs.size());
+  TORCH_CHECK(n > 0, "rank1 AGO: no layers");
   TORCH_CHECK(b_prevs.size() == b_curs.size() && cur_masks.size() == b_curs.size() && prev_masks.size() == b_curs.size(),
               "rank1 AGO: the four lists must have one entry per layer");
   AgoLayout layout;
-  std::vector<int64_t> host(8 * n);
+  std::vector<int64_t> host(kAgoTableColumns * n);
   for (int64_t l = 0; l < n; ++l) {
     check_cuda(b_curs[l], "B_cur");
     auto cur = b_curs[l].contiguous(), prev = b_prevs[l].contiguous();
@@ -154,12 +188,15 @@ AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at
     host[5 * n + l] = cur.size(1);
     host[6 * n + l] = prev.size(1);
     host[7 * n + l] = layout.gram_size;
+    host[8 * n + l] = layout.d_cur_size;
+    host[9 * n + l] = layout.d_prev_size;
     layout.gram_size += cur.size(1) * prev.size(1);
+    layout.d_cur_size += cur.numel();
+    layout.d_prev_size += prev.numel();
     layout.max_d_out = std::max(layout.max_d_out, cur.size(0));
     layout.keep_alive.insert(layout.keep_alive.end(), {cur, prev, cur_mask, prev_mask});
   }
-  const auto device = n ? b_curs[0].device() : at::Device(kDeviceType);
-  layout.tables = at::tensor(host, at::TensorOptions().dtype(at::kLong)).view({8, n}).to(device);
+  layout.tables = ago_table_cache().get(host, b_curs[0].device()).view({kAgoTableColumns, n});
   return layout;
 }
 
@@ -178,31 +215,22 @@ std::tuple<at::Tensor, at::Tensor> ago_fwd(const std::vector<at::Tensor>& b_curs
   return {losses, gram};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> ago_bwd(
+// The gradients of every layer packed into one buffer per side, layer after layer, each (d_out, r) row-major; the
+// Python side (cuda_backend._ago_backward) splits them into views.
+std::tuple<at::Tensor, at::Tensor> ago_bwd(
     const at::Tensor& grad_in, const at::Tensor& gram_in, const std::vector<at::Tensor>& b_curs,
     const std::vector<at::Tensor>& b_prevs, const std::vector<at::Tensor>& cur_masks,
     const std::vector<at::Tensor>& prev_masks, int64_t p, bool prev_requires_grad) {
+  TORCH_CHECK(!b_curs.empty(), "rank1 AGO: no layers");
   const DeviceGuard guard(b_curs[0].device());
   const auto stream = current_stream();
   const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
   const auto grad = grad_in.to(at::kFloat).contiguous(), gram = gram_in.contiguous();
-  std::vector<at::Tensor> d_curs, d_prevs;
-  std::vector<int64_t> cur_ptrs, prev_ptrs;
-  for (size_t l = 0; l < b_curs.size(); ++l) {
-    d_curs.push_back(at::empty(b_curs[l].sizes(), b_curs[l].options()));
-    cur_ptrs.push_back(reinterpret_cast<int64_t>(d_curs.back().data_ptr()));
-    if (prev_requires_grad) {
-      d_prevs.push_back(at::empty(b_prevs[l].sizes(), b_prevs[l].options()));
-      prev_ptrs.push_back(reinterpret_cast<int64_t>(d_prevs.back().data_ptr()));
-    }
-  }
-  const auto long_options = at::TensorOptions().dtype(at::kLong);
-  auto cur_table = at::tensor(cur_ptrs, long_options).to(grad.device());
-  auto prev_table = prev_requires_grad ? at::tensor(prev_ptrs, long_options).to(grad.device()) : at::Tensor();
+  auto d_cur = at::empty({layout.d_cur_size}, b_curs[0].options());
+  auto d_prev = at::empty({prev_requires_grad ? layout.d_prev_size : 0}, b_curs[0].options());
   launch_ago_backward(dtype_of(b_curs[0]), layout.view(), gram.data_ptr<float>(), grad.data_ptr<float>(), p,
-                      cur_table.data_ptr<int64_t>(), prev_requires_grad ? prev_table.data_ptr<int64_t>() : nullptr,
-                      layout.max_d_out, stream);
-  return {d_curs, d_prevs};
+                      d_cur.data_ptr(), prev_requires_grad ? d_prev.data_ptr() : nullptr, layout.max_d_out, stream);
+  return {d_cur, d_prev};
 }
 
 }  // namespace
@@ -224,7 +252,7 @@ TORCH_LIBRARY_FRAGMENT(rank1, m) {
   m.def("cuda_ago_fwd(Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, Tensor[] prev_masks, int p) -> (Tensor, Tensor)");
   m.def(
       "cuda_ago_bwd(Tensor grad, Tensor gram, Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, "
-      "Tensor[] prev_masks, int p, bool prev_requires_grad) -> (Tensor[], Tensor[])");
+      "Tensor[] prev_masks, int p, bool prev_requires_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rank1, RANK1_DISPATCH_KEY, m) {

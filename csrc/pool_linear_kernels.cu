@@ -8,6 +8,11 @@ namespace {
 
 constexpr int kShrinkThreads = 128;  // 4 warps per row, each warp one slot at a time
 constexpr int kColumnThreads = 256;  // one output column per thread
+constexpr int kSlotChunk = 16;       // expert slots a thread keeps in registers at once
+constexpr int kTokenChunk = 32;      // rows of one sample an expand block updates
+constexpr int kPartialTokens = 64;   // rows of one sample summed into one expert-gradient partial
+
+__device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T>
 __global__ void shrink_kernel(const T* __restrict__ in, int64_t in_row_stride, const T* __restrict__ proj,
@@ -26,26 +31,46 @@ __global__ void shrink_kernel(const T* __restrict__ in, int64_t in_row_stride, c
   }
 }
 
+// One block per (sample, 256 output columns, kTokenChunk tokens): the rows of a sample share its k experts, so
+// each thread loads its column of the chosen experts once into registers and applies it to every token of the
+// chunk (the per-row coefficients come through shared memory). Reading the expert columns once per block instead
+// of once per row matters for B (d_out, r), whose expert columns are strided.
 template <typename T>
 __global__ void expand_add_kernel(T* __restrict__ y, const float* __restrict__ u, const T* __restrict__ gates,
                                   float scaling, const T* __restrict__ expand, int64_t stride_expert, int64_t stride_out,
                                   const int64_t* __restrict__ expert_idx, int64_t n_out, int64_t k,
                                   int64_t tokens_per_sample) {
-  extern __shared__ unsigned char shared[];
-  float* coefficient = reinterpret_cast<float*>(shared);
-  int64_t* expert = reinterpret_cast<int64_t*>(coefficient + k + (k & 1));  // 8-byte aligned after the floats
-  const int64_t row = blockIdx.x;
-  const int64_t sample = row / tokens_per_sample;
-  for (int64_t slot = threadIdx.x; slot < k; slot += blockDim.x) {
-    coefficient[slot] = u[row * k + slot] * to_float(gates[sample * k + slot]) * scaling;
-    expert[slot] = expert_idx[sample * k + slot];
-  }
-  __syncthreads();
+  __shared__ float coefficient[kTokenChunk][kSlotChunk];
+  const int64_t sample = blockIdx.x;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t first_token = static_cast<int64_t>(blockIdx.z) * kTokenChunk;
+  const int n_tokens = static_cast<int>(min_i64(kTokenChunk, tokens_per_sample - first_token));
+  const int64_t first_row = sample * tokens_per_sample + first_token;
+  float acc[kTokenChunk];
+  for (int t = 0; t < kTokenChunk; ++t) acc[t] = 0.f;
+  for (int64_t chunk_start = 0; chunk_start < k; chunk_start += kSlotChunk) {
+    const int n_slots = static_cast<int>(min_i64(kSlotChunk, k - chunk_start));
+    float column[kSlotChunk];
+    for (int s = 0; s < n_slots; ++s) {
+      const int64_t expert = expert_idx[sample * k + chunk_start + s];
+      column[s] = o < n_out ? to_float(expand[expert * stride_expert + o * stride_out]) : 0.f;
+    }
+    __syncthreads();  // the previous chunk's coefficients are no longer read
+    for (int i = threadIdx.x; i < n_tokens * n_slots; i += blockDim.x) {
+      const int t = i / n_slots, s = i % n_slots;
+      const int64_t slot = chunk_start + s;
+      coefficient[t][s] = u[(first_row + t) * k + slot] * to_float(gates[sample * k + slot]) * scaling;
+    }
+    __syncthreads();
+    for (int t = 0; t < n_tokens; ++t) {
+      for (int s = 0; s < n_slots; ++s) acc[t] += coefficient[t][s] * column[s];
+    }
+  }
   if (o >= n_out) return;
-  float acc = to_float(y[row * n_out + o]);
-  for (int64_t slot = 0; slot < k; ++slot) acc += coefficient[slot] * to_float(expand[expert[slot] * stride_expert + o * stride_out]);
-  y[row * n_out + o] = from_float<T>(acc);
+  for (int t = 0; t < n_tokens; ++t) {
+    T* out = y + (first_row + t) * n_out + o;
+    *out = from_float<T>(to_float(*out) + acc[t]);
+  }
 }
 
 template <typename T>
@@ -64,32 +89,48 @@ __global__ void gate_grad_kernel(const float* __restrict__ u, const float* __res
   }
 }
 
+// partial[(pair, token chunk), c] over the chunk's tokens, one block per (sample, 256 columns, token chunk, slot
+// chunk): each thread reads its column of m once per slot chunk and accumulates every slot of the chunk, so m (x or
+// dy, the large operand) is read once when k <= kSlotChunk rather than once per slot.
 template <typename T>
 __global__ void pair_partial_kernel(const float* __restrict__ coef, const T* __restrict__ gates, float scaling,
                                     const T* __restrict__ m, int64_t m_row_stride, float* __restrict__ partial,
-                                    int64_t n_cols, int64_t k, int64_t tokens_per_sample) {
-  const int64_t pair = blockIdx.x;  // sample * k + slot
-  const int64_t sample = pair / k, slot = pair % k;
+                                    int64_t n_cols, int64_t k, int64_t tokens_per_sample, int64_t n_token_chunks) {
+  const int64_t sample = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t token_chunk = blockIdx.z % n_token_chunks;
+  const int64_t chunk_start = (blockIdx.z / n_token_chunks) * kSlotChunk;
   if (c >= n_cols) return;
-  float acc = 0.f;
-  for (int64_t t = 0; t < tokens_per_sample; ++t) {
+  const int n_slots = static_cast<int>(min_i64(kSlotChunk, k - chunk_start));
+  const int64_t first_token = token_chunk * kPartialTokens;
+  const int64_t last_token = min_i64(first_token + kPartialTokens, tokens_per_sample);
+  float acc[kSlotChunk];
+  for (int s = 0; s < kSlotChunk; ++s) acc[s] = 0.f;
+  for (int64_t t = first_token; t < last_token; ++t) {
     const int64_t row = sample * tokens_per_sample + t;
-    acc += coef[row * k + slot] * to_float(m[row * m_row_stride + c]);
+    const float value = to_float(m[row * m_row_stride + c]);
+    const float* row_coef = coef + row * k + chunk_start;
+    for (int s = 0; s < n_slots; ++s) acc[s] += row_coef[s] * value;
   }
-  partial[pair * n_cols + c] = acc * to_float(gates[pair]) * scaling;
+  for (int s = 0; s < n_slots; ++s) {
+    const int64_t pair = sample * k + chunk_start + s;
+    partial[(pair * n_token_chunks + token_chunk) * n_cols + c] = acc[s] * to_float(gates[pair]) * scaling;
+  }
 }
 
+// out[expert, c] = sum over the (sample, slot) pairs that chose the expert and over their token chunks, in a fixed
+// order (no atomics); zero for an expert nobody chose.
 template <typename T>
 __global__ void scatter_experts_kernel(const float* __restrict__ partial, const int64_t* __restrict__ expert_idx,
-                                       int64_t n_pairs, T* __restrict__ out, int64_t out_stride_expert,
-                                       int64_t out_stride_col, int64_t n_cols) {
+                                       int64_t n_pairs, int64_t n_token_chunks, T* __restrict__ out,
+                                       int64_t out_stride_expert, int64_t out_stride_col, int64_t n_cols) {
   const int64_t expert = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= n_cols) return;
   float acc = 0.f;
   for (int64_t pair = 0; pair < n_pairs; ++pair) {
-    if (expert_idx[pair] == expert) acc += partial[pair * n_cols + c];
+    if (expert_idx[pair] != expert) continue;
+    for (int64_t chunk = 0; chunk < n_token_chunks; ++chunk) acc += partial[(pair * n_token_chunks + chunk) * n_cols + c];
   }
   out[expert * out_stride_expert + c * out_stride_col] = from_float<T>(acc);
 }
@@ -111,11 +152,11 @@ void launch_shrink(Dtype dtype, const void* in, int64_t in_row_stride, const voi
 void launch_expand_add(Dtype dtype, void* y, const float* u, const void* gates, float scaling, const void* expand,
                        int64_t expand_stride_expert, int64_t expand_stride_out, const int64_t* expert_idx,
                        int64_t n_rows, int64_t n_out, int64_t k, int64_t tokens_per_sample, cudaStream_t stream) {
-  if (n_rows == 0 || n_out == 0) return;
-  const dim3 grid(static_cast<unsigned int>(n_rows), blocks_for(n_out, kColumnThreads));
-  const size_t shared = (k + (k & 1)) * sizeof(float) + k * sizeof(int64_t);
+  if (n_rows == 0 || n_out == 0 || k == 0) return;
+  const dim3 grid(static_cast<unsigned int>(n_rows / tokens_per_sample), blocks_for(n_out, kColumnThreads),
+                  blocks_for(tokens_per_sample, kTokenChunk));
   RANK1_DISPATCH(dtype, {
-    expand_add_kernel<T><<<grid, kColumnThreads, shared, stream>>>(
+    expand_add_kernel<T><<<grid, kColumnThreads, 0, stream>>>(
         static_cast<T*>(y), u, static_cast<const T*>(gates), scaling, static_cast<const T*>(expand),
         expand_stride_expert, expand_stride_out, expert_idx, n_out, k, tokens_per_sample);
   });
@@ -132,22 +173,31 @@ void launch_gate_grad(Dtype dtype, const float* u, const float* v, float scaling
   check_launch("gate_grad_kernel");
 }
 
+int64_t expert_grad_workspace(int64_t n_samples, int64_t k, int64_t tokens_per_sample, int64_t n_cols) {
+  return n_samples * k * (tokens_per_sample + kPartialTokens - 1) / kPartialTokens * n_cols;
+}
+
 void launch_expert_grad(Dtype dtype, const float* coef, const void* gates, float scaling, const void* m,
                         int64_t m_row_stride, const int64_t* expert_idx, float* partial, void* out,
                         int64_t out_stride_expert, int64_t out_stride_col, int64_t n_experts, int64_t n_rows,
                         int64_t n_cols, int64_t k, int64_t tokens_per_sample, cudaStream_t stream) {
   if (n_cols == 0 || n_experts == 0) return;
-  const int64_t n_pairs = tokens_per_sample > 0 ? (n_rows / tokens_per_sample) * k : 0;
+  const int64_t n_samples = tokens_per_sample > 0 ? n_rows / tokens_per_sample : 0;
+  const int64_t n_pairs = n_samples * k;
+  const int64_t n_token_chunks = (tokens_per_sample + kPartialTokens - 1) / kPartialTokens;
   RANK1_DISPATCH(dtype, {
     if (n_pairs > 0) {
-      const dim3 grid(static_cast<unsigned int>(n_pairs), blocks_for(n_cols, kColumnThreads));
+      const int64_t slot_chunks = (k + kSlotChunk - 1) / kSlotChunk;
+      const dim3 grid(static_cast<unsigned int>(n_samples), blocks_for(n_cols, kColumnThreads),
+                      static_cast<unsigned int>(n_token_chunks * slot_chunks));
       pair_partial_kernel<T><<<grid, kColumnThreads, 0, stream>>>(coef, static_cast<const T*>(gates), scaling,
                                                                     static_cast<const T*>(m), m_row_stride, partial,
-                                                                    n_cols, k, tokens_per_sample);
+                                                                    n_cols, k, tokens_per_sample, n_token_chunks);
     }
     const dim3 grid(static_cast<unsigned int>(n_experts), blocks_for(n_cols, kColumnThreads));
-    scatter_experts_kernel<T><<<grid, kColumnThreads, 0, stream>>>(partial, expert_idx, n_pairs, static_cast<T*>(out),
-                                                                   out_stride_expert, out_stride_col, n_cols);
+    scatter_experts_kernel<T><<<grid, kColumnThreads, 0, stream>>>(partial, expert_idx, n_pairs, n_token_chunks,
+                                                                   static_cast<T*>(out), out_stride_expert,
+                                                                   out_stride_col, n_cols);
   });
   check_launch("expert gradient kernels");
 }

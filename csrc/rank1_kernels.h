@@ -20,6 +20,7 @@ void launch_shrink(Dtype dtype, const void* in, int64_t in_row_stride, const voi
 
 // y[row, o] += sum_slot u[row, slot] * gates[sample, slot] * scaling * expand[expert * stride_expert + o * stride_out]
 // y: (n_rows, n_out) contiguous, updated in place with one rounding; u: (n_rows, k) fp32; gates: (n_samples, k).
+// n_rows is a multiple of tokens_per_sample (> 0).
 void launch_expand_add(Dtype dtype, void* y, const float* u, const void* gates, float scaling, const void* expand,
                        int64_t expand_stride_expert, int64_t expand_stride_out, const int64_t* expert_idx,
                        int64_t n_rows, int64_t n_out, int64_t k, int64_t tokens_per_sample, cudaStream_t stream);
@@ -29,9 +30,13 @@ void launch_gate_grad(Dtype dtype, const float* u, const float* v, float scaling
                       int64_t k, int64_t tokens_per_sample, cudaStream_t stream);
 
 // Gradient of A (expert rows) or B (expert columns), deterministic, no atomics:
-//   partial[sample * k + slot, c] = gates[sample, slot] * scaling * sum_rows coef[row, slot] * m[row, c]
-//   out[expert, c] = sum over (sample, slot) choosing expert of partial, in a fixed order; 0 for unchosen experts.
-// m: (n_rows, n_cols) of row stride m_row_stride; out addressed as out[expert * out_stride_expert + c * out_stride_col].
+//   partial[(sample * k + slot, chunk), c] = gates[sample, slot] * scaling * sum over the chunk's rows of
+//                                            coef[row, slot] * m[row, c]        (the sample's rows in chunks of 64)
+//   out[expert, c] = sum over (sample, slot) choosing expert and over chunks of partial, in a fixed order; 0 for
+//                    unchosen experts.
+// m: (n_rows, n_cols) of row stride m_row_stride; out addressed as out[expert * out_stride_expert + c * out_stride_col];
+// partial: fp32 workspace of expert_grad_workspace(...) elements.
+int64_t expert_grad_workspace(int64_t n_samples, int64_t k, int64_t tokens_per_sample, int64_t n_cols);
 void launch_expert_grad(Dtype dtype, const float* coef, const void* gates, float scaling, const void* m,
                         int64_t m_row_stride, const int64_t* expert_idx, float* partial, void* out,
                         int64_t out_stride_expert, int64_t out_stride_col, int64_t n_experts, int64_t n_rows,
@@ -39,7 +44,9 @@ void launch_expert_grad(Dtype dtype, const float* coef, const void* gates, float
 
 // The grouped AGO Gram: for each layer l, G_l = (B_cur * cur_mask)^T (B_prev * prev_mask), (r_cur, r_prev), fp32.
 // Tables (device, int64, n_layers entries): pointers to B_cur (d_out, r_cur) and B_prev (d_out, r_prev), contiguous,
-// pointers to the bool masks, d_out, r_cur, r_prev, and each layer's offset into the packed gram buffer.
+// pointers to the bool masks, d_out, r_cur, r_prev, each layer's offset into the packed gram buffer, and each
+// layer's element offset into the packed gradient buffers of B_cur and B_prev. Offsets rather than output pointers
+// keep the tables the same from step to step, so the caller can keep them on the device (no copy per call).
 struct AgoTables {
   const int64_t* b_cur;
   const int64_t* b_prev;
@@ -49,17 +56,19 @@ struct AgoTables {
   const int64_t* r_cur;
   const int64_t* r_prev;
   const int64_t* gram_offset;
+  const int64_t* d_cur_offset;
+  const int64_t* d_prev_offset;
   int64_t n_layers;
 };
+constexpr int kAgoTableColumns = 10;
 
 // gram: packed fp32 buffer; losses[l] = sum |G_l|^p  (p = 1 or 2), reduced in a fixed order.
 void launch_ago_forward(Dtype dtype, const AgoTables& tables, float* gram, float* losses, int64_t p,
                         cudaStream_t stream);
 
-// d_cur[l] (d_out, r_cur) = grad[l] * cur_mask * dloss/dG_l (B_prev * prev_mask)^T, likewise d_prev when non-null.
-// d_cur_ptrs / d_prev_ptrs: device int64 tables of output pointers (same dtype as B).
+// d_cur + d_cur_offset[l], (d_out, r_cur) = grad[l] * cur_mask * dloss/dG_l (B_prev * prev_mask)^T, and likewise
+// d_prev when non-null. d_cur / d_prev: packed buffers of B's dtype.
 void launch_ago_backward(Dtype dtype, const AgoTables& tables, const float* gram, const float* grad, int64_t p,
-                         const int64_t* d_cur_ptrs, const int64_t* d_prev_ptrs, int64_t max_d_out,
-                         cudaStream_t stream);
+                         void* d_cur, void* d_prev, int64_t max_d_out, cudaStream_t stream);
 
 }  // namespace rank1

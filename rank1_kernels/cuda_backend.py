@@ -39,7 +39,7 @@ SCHEMAS = {
     ),
     "cuda_ago_bwd": (
         "cuda_ago_bwd(Tensor grad, Tensor gram, Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, "
-        "Tensor[] prev_masks, int p, bool prev_requires_grad) -> (Tensor[], Tensor[])"
+        "Tensor[] prev_masks, int p, bool prev_requires_grad) -> (Tensor, Tensor)"
     ),
 }
 
@@ -82,8 +82,13 @@ def _fake_ago_fwd(B_curs, B_prevs, cur_masks, prev_masks, p):
 
 
 def _fake_ago_bwd(grad, gram, B_curs, B_prevs, cur_masks, prev_masks, p, prev_requires_grad):
-    d_prevs = [torch.empty_like(prev) for prev in B_prevs] if prev_requires_grad else []
-    return [torch.empty_like(cur) for cur in B_curs], d_prevs
+    d_prev_size = sum(prev.numel() for prev in B_prevs) if prev_requires_grad else 0
+    return B_curs[0].new_empty(sum(cur.numel() for cur in B_curs)), B_curs[0].new_empty(d_prev_size)
+
+
+def _unpack(packed, like):
+    """Per-layer views of a packed gradient buffer (layer after layer, each row-major)."""
+    return [chunk.view(t.shape) for chunk, t in zip(packed.split([t.numel() for t in like]), like)]
 
 
 def _pool_setup_context(ctx, inputs, output):
@@ -123,11 +128,11 @@ def _ago_backward(ctx, grad_losses, grad_gram):
     B_curs, B_prevs, cur_masks, prev_masks = (saved[i * n : (i + 1) * n] for i in range(4))
     # For a Tensor[] input, needs_input_grad may hold one flag per tensor.
     need_cur, need_prev = (any(f) if isinstance(f, (list, tuple)) else bool(f) for f in ctx.needs_input_grad[:2])
-    d_curs, d_prevs = torch.ops.rank1.cuda_ago_bwd(
-        grad_losses, gram, B_curs, B_prevs, cur_masks, prev_masks, ctx.p, need_prev
-    )
+    # One buffer per side, so that the op's device tables (offsets, not output pointers) stay the same every step.
+    d_cur, d_prev = torch.ops.rank1.cuda_ago_bwd(grad_losses, gram, B_curs, B_prevs, cur_masks, prev_masks, ctx.p, need_prev)
     nothing = [None] * n  # a Tensor[] input takes a list of gradients, None for each mask
-    return (list(d_curs) if need_cur else nothing), (list(d_prevs) if need_prev else nothing), nothing, nothing, None
+    d_curs = _unpack(d_cur, B_curs) if need_cur else nothing
+    return d_curs, (_unpack(d_prev, B_prevs) if need_prev else nothing), nothing, nothing, None
 
 
 def register_python_parts() -> None:

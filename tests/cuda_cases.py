@@ -12,7 +12,10 @@ from _tolerance import assert_close_by_rule
 import rank1_kernels
 
 # (n samples, T tokens per sample, d_in, d_out, r, k): size-1, odd and prime sizes, k == r, and (GPU only) ViT-B/16.
-SMALL_POOL_SHAPES = [(1, 1, 1, 1, 1, 1), (3, 5, 17, 37, 7, 3), (5, 3, 33, 65, 12, 12), (2, 7, 40, 300, 64, 8)]
+# The last small shapes cross the CUDA kernels' chunk sizes (csrc/pool_linear_kernels.cu): more than 256 output
+# columns, more than 16 slots (17 = 16 + 1), more than 32 and 64 tokens per sample (65 = 64 + 1).
+SMALL_POOL_SHAPES = [(1, 1, 1, 1, 1, 1), (3, 5, 17, 37, 7, 3), (5, 3, 33, 65, 12, 12), (2, 7, 40, 300, 64, 8),
+                     (3, 65, 19, 260, 40, 17), (2, 70, 9, 11, 24, 24)]  # fmt: skip
 VIT_POOL_SHAPES = [(2, 197, 768, 768, 12, 8), (4, 197, 768, 3072, 64, 4), (2, 50, 3072, 768, 256, 8)]
 
 # AGO layers: (d_out, r_cur, r_prev); r_prev == 0 is a layer with no history yet.
@@ -114,6 +117,11 @@ def check_opcheck(device):
         args = (x.clone().requires_grad_(), weight, bias, A.clone().requires_grad_(), B.clone().requires_grad_(), idx,
                 gates.clone().requires_grad_(), 0.5, 9, lora_input)  # fmt: skip
         torch.library.opcheck(torch.ops.rank1.cuda_pool_linear_fwd, args)
+        with torch.no_grad():
+            y, u = torch.ops.rank1.cuda_pool_linear_fwd(*args)
+            lora = None if lora_input is None else lora_input.detach()
+            backward_args = (torch.randn_like(y), x, weight, A, B, idx, gates, u, 0.5, 9, lora)
+        torch.library.opcheck(torch.ops.rank1.cuda_pool_linear_bwd, backward_args)
     curs = [torch.randn(6, 4, device=device).requires_grad_(), torch.randn(3, 5, device=device).requires_grad_()]
     prevs = [torch.randn(6, 3, device=device), torch.randn(3, 2, device=device)]
     masks = [
@@ -123,6 +131,12 @@ def check_opcheck(device):
     prev_masks = [torch.ones(3, dtype=torch.bool, device=device), torch.tensor([0, 1], dtype=torch.bool, device=device)]
     for p in (1, 2):
         torch.library.opcheck(torch.ops.rank1.cuda_ago_fwd, (curs, prevs, masks, prev_masks, p))
+        losses, gram = torch.ops.rank1.cuda_ago_fwd(curs, prevs, masks, prev_masks, p)
+        for prev_requires_grad in (False, True):
+            detached = [c.detach() for c in curs]  # the backward op is not itself differentiable
+            args = (torch.ones_like(losses).detach(), gram.detach(), detached, prevs, masks, prev_masks, p,
+                    prev_requires_grad)  # fmt: skip
+            torch.library.opcheck(torch.ops.rank1.cuda_ago_bwd, args)
 
 
 def check_compiled_layer(device):

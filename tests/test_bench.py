@@ -354,6 +354,73 @@ def test_cli_refuses_the_gpu_preset_without_cuda():
         main(["sweep", "--preset", "tiny", "--only", "nonexistent"])
 
 
+def test_environment_takes_the_commit_from_rank1_commit_without_git(monkeypatch):
+    """A copy of the work tree without .git (a lent GPU machine, bench/gpu_session.sh) names its commit in
+    RANK1_COMMIT and whether the copy was dirty in RANK1_TREE_DIRTY; a git checkout keeps git's answer."""
+    from bench import environment as env_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(env_module, "_git", lambda *args: None)
+    monkeypatch.delenv("RANK1_COMMIT", raising=False)
+    monkeypatch.delenv("RANK1_TREE_DIRTY", raising=False)
+    assert (env_module.environment(cpu)["commit"], env_module.environment(cpu)["tree_dirty"]) == (None, None)
+    monkeypatch.setenv("RANK1_COMMIT", "0123abc")
+    assert (env_module.environment(cpu)["commit"], env_module.environment(cpu)["tree_dirty"]) == ("0123abc", None)
+    monkeypatch.setenv("RANK1_TREE_DIRTY", "1")
+    assert env_module.environment(cpu)["tree_dirty"] is True
+    monkeypatch.setenv("RANK1_TREE_DIRTY", "0")
+    assert env_module.environment(cpu)["tree_dirty"] is False
+    answers = {("rev-parse", "HEAD"): "f" * 40, ("status", "--porcelain"): ""}
+    monkeypatch.setattr(env_module, "_git", lambda *args: answers[args])
+    assert (env_module.environment(cpu)["commit"], env_module.environment(cpu)["tree_dirty"]) == ("f" * 40, False)
+
+
+@pytest.mark.slow
+def test_gpu_session_script_dry_run(tmp_path):
+    """bench/gpu_session.sh, the one-command GPU session, in its CPU dry mode: every step leaves its log, at most
+    8 files land in the output folder (all that comes back from a device call), the results travel as one tarball,
+    and a budget too small for anything skips the steps with a message and still writes the summary."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    out, work = tmp_path / "out", tmp_path / "work"
+    environment = dict(
+        os.environ, PYTHON=sys.executable, RANK1_GPU_SESSION_DRY="1", RANK1_GPU_SESSION_WORK=str(work),
+        RANK1_NVCC="none", RANK1_BENCH_PARTS="main", RANK1_PYTEST_WORKERS="0",
+        RANK1_PYTEST_ARGS_A="tests/test_bench.py::test_summary_statistics",
+    )  # fmt: skip
+    command = ["bash", os.path.join("bench", "gpu_session.sh"), str(out), "300"]
+    completed = subprocess.run(
+        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=400, check=False
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    files = {path.name for path in out.iterdir()}
+    assert len(files) <= 8 and all(path.is_file() for path in out.iterdir())
+    assert {"env.txt", "cuda_build.txt", "gpu_tests.txt", "gpu_tests.xml", "bench.txt", "bench_README.md",
+            "bench_results.tar.gz", "summary.txt"} == files  # fmt: skip
+    summary = (out / "summary.txt").read_text()
+    assert "tests A (GPU tests without the CUDA extension): 1 passed, 0 failed" in summary
+    assert "part main: complete" in summary and "summary" in completed.stdout
+    assert "nvcc not found" in (out / "cuda_build.txt").read_text()
+    with tarfile.open(out / "bench_results.tar.gz") as tar:
+        names = {name.removeprefix("./") for name in tar.getnames()}
+    assert {"results.json", "results.csv", "README.md", "table.txt"} <= names
+
+    small = tmp_path / "small"
+    environment["RANK1_GPU_SESSION_STEPS"] = "build,tests,bench"
+    command = ["bash", os.path.join("bench", "gpu_session.sh"), str(small), "20"]
+    completed = subprocess.run(
+        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "skipped: only" in (small / "gpu_tests.txt").read_text()
+    assert "skipped, only" in (small / "bench.txt").read_text()
+    assert "main | not run (no time left)" in (small / "summary.txt").read_text()
+
+
 @pytest.mark.gpu
 def test_layer_benchmark_on_cuda_with_events_graphs_memory_and_throughput():
     from bench.environment import nominal_peaks

@@ -162,3 +162,28 @@ def test_opcheck_on_gpu(cuda_ops):
 @pytest.mark.gpu
 def test_compiled_layer_on_gpu(cuda_ops):
     cuda_cases.check_compiled_layer("cuda")
+
+
+@pytest.mark.gpu
+def test_ago_captures_in_a_cuda_graph_after_a_warm_up_step(cuda_ops):
+    """The grouped AGO op keeps its per-layer tables on the device once it has seen the tensors: after one warm-up
+    step, forward and backward capture in a CUDA graph, and replaying it gives the eager result."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    curs = [torch.randn(d, r, device="cuda", generator=g).requires_grad_() for d, r, _ in cuda_cases.VIT_AGO_LAYERS]
+    prevs = [torch.randn(d, m, device="cuda", generator=g) for d, _, m in cuda_cases.VIT_AGO_LAYERS]
+    masks = [torch.rand(r, device="cuda", generator=g) > 0.5 for _, r, _ in cuda_cases.VIT_AGO_LAYERS]
+    prev_masks = [torch.ones(m, dtype=torch.bool, device="cuda") for _, _, m in cuda_cases.VIT_AGO_LAYERS]
+
+    def step():
+        losses = rank1_kernels.ago_loss_grouped(curs, prevs, masks, prev_masks, 1, backend="cuda")
+        return [losses, *torch.autograd.grad(losses.sum(), curs)]
+
+    expected = step()  # warm-up: the tables reach the device here
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
