@@ -129,7 +129,9 @@ def _ago_backward(ctx, grad_losses, grad_gram):
     # For a Tensor[] input, needs_input_grad may hold one flag per tensor.
     need_cur, need_prev = (any(f) if isinstance(f, (list, tuple)) else bool(f) for f in ctx.needs_input_grad[:2])
     # One buffer per side, so that the op's device tables (offsets, not output pointers) stay the same every step.
-    d_cur, d_prev = torch.ops.rank1.cuda_ago_bwd(grad_losses, gram, B_curs, B_prevs, cur_masks, prev_masks, ctx.p, need_prev)
+    d_cur, d_prev = torch.ops.rank1.cuda_ago_bwd(
+        grad_losses, gram, B_curs, B_prevs, cur_masks, prev_masks, ctx.p, need_prev
+    )
     nothing = [None] * n  # a Tensor[] input takes a list of gradients, None for each mask
     d_curs = _unpack(d_cur, B_curs) if need_cur else nothing
     return d_curs, (_unpack(d_prev, B_prevs) if need_prev else nothing), nothing, nothing, None
