@@ -469,7 +469,10 @@ pytest_run() { # LOG SECONDS JUNIT ARGS...
     local log="$1" seconds="$2" junit="$3"
     shift 3
     local soft=()
-    ((HAVE_PYTEST_TIMEOUT)) && soft=(--session-timeout=$((seconds > 120 ? seconds - 30 : seconds * 3 / 4)))
+    # not with xdist: there each worker would stop on its own clock; the hard timeout's SIGINT still covers it
+    if ((HAVE_PYTEST_TIMEOUT)) && [[ " $* " != *" -n "* ]]; then
+        soft=(--session-timeout=$((seconds > 120 ? seconds - 30 : seconds * 3 / 4)))
+    fi
     SIG=INT run_logged "$log" "$seconds" "$PY" -c "$PYTEST_PY" "${PYTEST_OPTS[@]}" "${soft[@]}" --junitxml="$junit" "$@"
 }
 # The GPU selections: A every test marked gpu except the CUDA extension's files, B those files' gpu tests.

@@ -6,28 +6,63 @@
 namespace rank1 {
 namespace {
 
-constexpr int kShrinkThreads = 128;  // 4 warps per row, each warp one slot at a time
 constexpr int kColumnThreads = 256;  // one output column per thread
-constexpr int kSlotChunk = 16;       // expert slots a thread keeps in registers at once
+constexpr int kSlotChunk = 16;       // expert slots a block (shrink) or a thread (expand, gradients) handles at once
+constexpr int kShrinkThreads = 256;
+constexpr int kShrinkRows = 32;      // rows of one sample per shrink block: 32 x 16 outputs, 2 per thread
+constexpr int kShrinkDepth = 64;     // depth tile of the shrink staged in shared memory
+constexpr int kGateThreads = 128;    // 4 warps per sample, each warp one slot at a time
 constexpr int kTokenChunk = 32;      // rows of one sample an expand block updates
 constexpr int kPartialTokens = 64;   // rows of one sample summed into one expert-gradient partial
 
 __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// out[row, slot] = in[row] . proj[expert(slot)], one block per (sample, kShrinkRows rows, kSlotChunk slots). Tiles
+// of the rows and of the chosen experts are staged in shared memory over the depth, so each expert vector is read
+// once per block rather than once per row: for B^T (the backward's dy . B[:, e], read through B's strides) the
+// per-row reads would be strided.
 template <typename T>
 __global__ void shrink_kernel(const T* __restrict__ in, int64_t in_row_stride, const T* __restrict__ proj,
                               int64_t proj_stride_expert, int64_t proj_stride_dim, const int64_t* __restrict__ expert_idx,
                               float* __restrict__ out, int64_t depth, int64_t k, int64_t tokens_per_sample) {
-  const int64_t row = blockIdx.x;
-  const int64_t sample = row / tokens_per_sample;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* row_in = in + row * in_row_stride;
-  for (int64_t slot = warp; slot < k; slot += kShrinkThreads / 32) {
-    const T* expert = proj + expert_idx[sample * k + slot] * proj_stride_expert;
-    float acc = 0.f;
-    for (int64_t d = lane; d < depth; d += 32) acc += to_float(row_in[d]) * to_float(expert[d * proj_stride_dim]);
-    acc = warp_sum(acc);
-    if (lane == 0) out[row * k + slot] = acc;
+  __shared__ float rows[kShrinkRows][kShrinkDepth + 1];  // +1: neighbouring rows start in different banks
+  __shared__ float experts[kSlotChunk][kShrinkDepth + 1];
+  __shared__ int64_t expert_start[kSlotChunk];
+  constexpr int kOutputsPerThread = kShrinkRows * kSlotChunk / kShrinkThreads;
+  const int64_t sample = blockIdx.x;
+  const int64_t first_token = static_cast<int64_t>(blockIdx.y) * kShrinkRows;
+  const int64_t chunk_start = static_cast<int64_t>(blockIdx.z) * kSlotChunk;
+  const int n_rows = static_cast<int>(min_i64(kShrinkRows, tokens_per_sample - first_token));
+  const int n_slots = static_cast<int>(min_i64(kSlotChunk, k - chunk_start));
+  const int64_t first_row = sample * tokens_per_sample + first_token;
+  if (threadIdx.x < n_slots) expert_start[threadIdx.x] = expert_idx[sample * k + chunk_start + threadIdx.x] * proj_stride_expert;
+  float acc[kOutputsPerThread];
+  for (int j = 0; j < kOutputsPerThread; ++j) acc[j] = 0.f;
+  for (int64_t tile = 0; tile < depth; tile += kShrinkDepth) {
+    const int width = static_cast<int>(min_i64(kShrinkDepth, depth - tile));
+    __syncthreads();  // the previous tile is consumed (and, the first time, expert_start is written)
+    for (int i = threadIdx.x; i < n_rows * kShrinkDepth; i += blockDim.x) {
+      const int r = i / kShrinkDepth, d = i % kShrinkDepth;
+      rows[r][d] = d < width ? to_float(in[(first_row + r) * in_row_stride + tile + d]) : 0.f;
+    }
+    for (int i = threadIdx.x; i < n_slots * kShrinkDepth; i += blockDim.x) {
+      const int s = i / kShrinkDepth, d = i % kShrinkDepth;
+      experts[s][d] = d < width ? to_float(proj[expert_start[s] + (tile + d) * proj_stride_dim]) : 0.f;
+    }
+    __syncthreads();
+    for (int j = 0; j < kOutputsPerThread; ++j) {
+      const int output = threadIdx.x + j * kShrinkThreads, r = output / kSlotChunk, s = output % kSlotChunk;
+      if (r < n_rows && s < n_slots) {
+        // A sum per tile, then across tiles: error grows with kShrinkDepth + depth / kShrinkDepth, not with depth.
+        float tile_sum = 0.f;
+        for (int d = 0; d < width; ++d) tile_sum += rows[r][d] * experts[s][d];
+        acc[j] += tile_sum;
+      }
+    }
+  }
+  for (int j = 0; j < kOutputsPerThread; ++j) {
+    const int output = threadIdx.x + j * kShrinkThreads, r = output / kSlotChunk, s = output % kSlotChunk;
+    if (r < n_rows && s < n_slots) out[(first_row + r) * k + chunk_start + s] = acc[j];
   }
 }
 
@@ -78,7 +113,7 @@ __global__ void gate_grad_kernel(const float* __restrict__ u, const float* __res
                                  T* __restrict__ dgates, int64_t k, int64_t tokens_per_sample) {
   const int64_t sample = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t slot = warp; slot < k; slot += kShrinkThreads / 32) {
+  for (int64_t slot = warp; slot < k; slot += kGateThreads / 32) {
     float acc = 0.f;
     for (int64_t t = lane; t < tokens_per_sample; t += 32) {
       const int64_t row = sample * tokens_per_sample + t;
@@ -140,9 +175,11 @@ __global__ void scatter_experts_kernel(const float* __restrict__ partial, const 
 void launch_shrink(Dtype dtype, const void* in, int64_t in_row_stride, const void* proj, int64_t proj_stride_expert,
                    int64_t proj_stride_dim, const int64_t* expert_idx, float* out, int64_t n_rows, int64_t depth,
                    int64_t k, int64_t tokens_per_sample, cudaStream_t stream) {
-  if (n_rows == 0) return;
+  if (n_rows == 0 || k == 0) return;
+  const dim3 grid(static_cast<unsigned int>(n_rows / tokens_per_sample), blocks_for(tokens_per_sample, kShrinkRows),
+                  blocks_for(k, kSlotChunk));
   RANK1_DISPATCH(dtype, {
-    shrink_kernel<T><<<static_cast<unsigned int>(n_rows), kShrinkThreads, 0, stream>>>(
+    shrink_kernel<T><<<grid, kShrinkThreads, 0, stream>>>(
         static_cast<const T*>(in), in_row_stride, static_cast<const T*>(proj), proj_stride_expert, proj_stride_dim,
         expert_idx, out, depth, k, tokens_per_sample);
   });
@@ -167,7 +204,7 @@ void launch_gate_grad(Dtype dtype, const float* u, const float* v, float scaling
                       int64_t k, int64_t tokens_per_sample, cudaStream_t stream) {
   if (n_samples == 0) return;
   RANK1_DISPATCH(dtype, {
-    gate_grad_kernel<T><<<static_cast<unsigned int>(n_samples), kShrinkThreads, 0, stream>>>(
+    gate_grad_kernel<T><<<static_cast<unsigned int>(n_samples), kGateThreads, 0, stream>>>(
         u, v, scaling, static_cast<T*>(dgates), k, tokens_per_sample);
   });
   check_launch("gate_grad_kernel");

@@ -13,7 +13,7 @@ enum class Dtype { kFloat32, kFloat16, kBFloat16 };
 // Rows are sample-major: row r belongs to sample r / tokens_per_sample. expert_idx is (n_samples, k) int64.
 
 // out[row, slot] = sum_d in[row, d] * proj[expert(row, slot) * proj_stride_expert + d * proj_stride_dim]  (fp32)
-// in: (n_rows, depth) rows of stride in_row_stride, unit column stride.
+// in: (n_rows, depth) rows of stride in_row_stride, unit column stride; n_rows a multiple of tokens_per_sample (> 0).
 void launch_shrink(Dtype dtype, const void* in, int64_t in_row_stride, const void* proj, int64_t proj_stride_expert,
                    int64_t proj_stride_dim, const int64_t* expert_idx, float* out, int64_t n_rows, int64_t depth,
                    int64_t k, int64_t tokens_per_sample, cudaStream_t stream);

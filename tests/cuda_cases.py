@@ -13,9 +13,12 @@ import rank1_kernels
 
 # (n samples, T tokens per sample, d_in, d_out, r, k): size-1, odd and prime sizes, k == r, and (GPU only) ViT-B/16.
 # The last small shapes cross the CUDA kernels' chunk sizes (csrc/pool_linear_kernels.cu): more than 256 output
-# columns, more than 16 slots (17 = 16 + 1), more than 32 and 64 tokens per sample (65 = 64 + 1).
+# columns, a depth of more than 64 (the shrink's tile), more than 16 slots (17 = 16 + 1), more than 32 and 64 tokens
+# per sample (65 = 64 + 1).
 SMALL_POOL_SHAPES = [(1, 1, 1, 1, 1, 1), (3, 5, 17, 37, 7, 3), (5, 3, 33, 65, 12, 12), (2, 7, 40, 300, 64, 8),
-                     (3, 65, 19, 260, 40, 17), (2, 70, 9, 11, 24, 24)]  # fmt: skip
+                     (3, 65, 19, 260, 40, 17), (2, 70, 67, 11, 24, 24)]  # fmt: skip
+# ViT-B/16 widths with few tokens: the kernels' accumulation over a realistic depth, cheap enough for the emulation.
+DEEP_POOL_SHAPES = [(2, 9, 768, 3072, 64, 8), (1, 12, 3072, 768, 256, 8)]
 VIT_POOL_SHAPES = [(2, 197, 768, 768, 12, 8), (4, 197, 768, 3072, 64, 4), (2, 50, 3072, 768, 256, 8)]
 
 # AGO layers: (d_out, r_cur, r_prev); r_prev == 0 is a layer with no history yet.

@@ -43,6 +43,12 @@ def test_pool_linear_matches_the_reference(dtype, shape, with_lora_input):
     cuda_cases.check_pool_linear("cpu", dtype, shape, with_lora_input)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", cuda_cases.DEEP_POOL_SHAPES, ids=str)
+def test_pool_linear_at_vit_widths(dtype, shape):
+    cuda_cases.check_pool_linear("cpu", dtype, shape, with_lora_input=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p", [1, 2])
 def test_ago_matches_the_reference(dtype, p):
