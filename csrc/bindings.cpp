@@ -53,6 +53,13 @@ void check_cuda(const at::Tensor& t, const char* name) {
               t.device());
 }
 
+// The row layout every pool kernel assumes: n_samples * tokens_per_sample rows, sample-major.
+void check_rows(const at::Tensor& x, const at::Tensor& idx, int64_t tokens_per_sample) {
+  TORCH_CHECK(tokens_per_sample > 0 && x.size(0) == idx.size(0) * tokens_per_sample,
+              "rank1 CUDA kernels: x must have idx.size(0) * tokens_per_sample rows (", idx.size(0), " * ",
+              tokens_per_sample, "), got ", x.size(0));
+}
+
 // out[row, slot] (fp32) = in[row] . proj[expert(row, slot)]; proj addressed by (stride_expert, stride_dim).
 at::Tensor shrink(const at::Tensor& in, const at::Tensor& proj, int64_t stride_expert, int64_t stride_dim,
                   const at::Tensor& idx, int64_t tokens_per_sample, cudaStream_t stream) {
@@ -70,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor> pool_linear_fwd(const at::Tensor& x_in, const
                                                    int64_t tokens_per_sample,
                                                    const std::optional<at::Tensor>& lora_input) {
   check_cuda(x_in, "x");
+  check_rows(x_in, idx_in, tokens_per_sample);
   const DeviceGuard guard(x_in.device());
   const auto stream = current_stream();
   const auto x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
@@ -90,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
     const at::Tensor& B_in, const at::Tensor& idx_in, const at::Tensor& gates_in, const at::Tensor& u_in,
     double scaling, int64_t tokens_per_sample, const std::optional<at::Tensor>& lora_input) {
   check_cuda(grad_y_in, "grad_y");
+  check_rows(x_in, idx_in, tokens_per_sample);
   const DeviceGuard guard(grad_y_in.device());
   const auto stream = current_stream();
   const auto dy = grad_y_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();

@@ -211,7 +211,7 @@ void launch_gate_grad(Dtype dtype, const float* u, const float* v, float scaling
 }
 
 int64_t expert_grad_workspace(int64_t n_samples, int64_t k, int64_t tokens_per_sample, int64_t n_cols) {
-  return n_samples * k * (tokens_per_sample + kPartialTokens - 1) / kPartialTokens * n_cols;
+  return n_samples * k * ((tokens_per_sample + kPartialTokens - 1) / kPartialTokens) * n_cols;
 }
 
 void launch_expert_grad(Dtype dtype, const float* coef, const void* gates, float scaling, const void* m,

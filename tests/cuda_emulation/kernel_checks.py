@@ -155,3 +155,13 @@ def test_emulated_16_bit_conversions_match_torch():
         got = getattr(torch.ops.rank1_emu, to_bits)(values).view(narrow)
         same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
         assert same.all(), f"{narrow}: {int((~same).sum())} values round differently, e.g. {values[~same][:4].tolist()}"
+
+
+def test_the_ops_check_the_row_layout():
+    """Called directly (not through rank1_pool_linear's validation), the op refuses rows that are not
+    n_samples * tokens_per_sample instead of reading past the inputs."""
+    x, weight, bias, A, B, idx, gates = cuda_cases.pool_case("cpu", 3, 4, 10, 9, 6, 2, torch.float32)
+    with pytest.raises(RuntimeError, match=r"x must have idx.size\(0\) \* tokens_per_sample rows \(3 \* 5\), got 12"):
+        torch.ops.rank1.cuda_pool_linear_fwd(x, weight, bias, A, B, idx, gates, 0.5, 5, None)
+    with pytest.raises(RuntimeError, match="tokens_per_sample rows"):
+        torch.ops.rank1.cuda_pool_linear_fwd(x, weight, bias, A, B, idx, gates, 0.5, 0, None)
