@@ -104,14 +104,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True
             setattr(layer, field, config[field])
         state = {key: tensors[f"{name}.{key}"] for key in _LAYER_TENSORS if f"{name}.{key}" in tensors}
         layer.load_state_dict(state, strict=False)
-        # Re-apply the merges one at a time, as merge() applied them: the weights then equal the saving model's
-        # bit for bit (one summed update would round differently), which exact resumption of training needs.
-        start = 0
-        with torch.no_grad():
-            for size in layer.merge_sizes.tolist():
-                columns = slice(start, start + size)
-                scale = float(layer.merged_scaling[start])
-                layer._add_to_weight(layer.merged_B[:, columns].contiguous(), layer.merged_A[columns].contiguous(), scale)
-                start += size
+        layer.reapply_merges()
         loaded.append(name)
     return loaded

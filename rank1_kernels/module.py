@@ -244,6 +244,18 @@ class FusedRank1PoolLinear(nn.Module):
         self.merged_A, self.merged_B = self.merged_A[:-size].clone(), self.merged_B[:, :-size].clone()
         self.merged_scaling, self.merge_sizes = self.merged_scaling[:-size].clone(), self.merge_sizes[:-1].clone()
 
+    @torch.no_grad()
+    def reapply_merges(self) -> None:
+        """Add every recorded merge to W, one at a time as merge() added them: for a history loaded into a layer
+        whose W is the original base weight. W then equals the merging layer's bit for bit (one summed update
+        would round differently), which exact resumption of training needs."""
+        start = 0
+        for size in self.merge_sizes.tolist():
+            columns = slice(start, start + size)
+            scale = float(self.merged_scaling[start])  # merge() records one scaling per merge
+            self._add_to_weight(self.merged_B[:, columns].contiguous(), self.merged_A[columns].contiguous(), scale)
+            start += size
+
     @property
     def _merge_dtype(self) -> torch.dtype:
         """Merges are computed in at least fp32 and rounded once into W's dtype."""

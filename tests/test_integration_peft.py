@@ -1,10 +1,11 @@
 """The peft bridge: the pool layer through get_peft_model (LoraConfig with a custom module mapping) computes what
-inject() computes, trains only the pool, runs the continual life cycle, and merge_and_unload gives the weights of
-merge_all + unload."""
+inject() computes, trains only the pool, runs the continual life cycle, merge_and_unload gives the weights of
+merge_all + unload, and save_pretrained + loading onto the original base model restores the model bit for bit."""
 
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -13,11 +14,17 @@ import torch.nn as nn
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import get_peft_model  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
+from peft.utils import load_peft_weights, set_peft_model_state_dict  # noqa: E402
 
 from rank1_kernels import PoolLifecycle, inject, merge_all, pool_layers, unload  # noqa: E402
 from rank1_kernels.families import set_text_routing  # noqa: E402
-from rank1_kernels.integrations.peft_bridge import Rank1PoolLoraLinear, rank1_pool_lora_config  # noqa: E402
+from rank1_kernels.integrations.peft_bridge import (  # noqa: E402
+    Rank1PoolLoraLinear,
+    load_rank1_pool_adapter,
+    rank1_pool_lora_config,
+)
+from _tolerance import assert_close_by_rule  # noqa: E402
 from test_integration_families import _captions, _hf_clip, _images, _train_pools_at_random  # noqa: E402
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -119,3 +126,119 @@ def test_the_bridge_refuses_a_second_adapter():
         layer.update_layer("second", 4, 1.0, 0.0, 2, "sample", "none", "auto", True)
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         Rank1PoolLoraLinear(nn.Conv1d(2, 2, 1), "default")
+
+
+# ---- save_pretrained and loading back ---------------------------------------------------------------------------
+
+POOL = dict(r=4, lora_alpha=2.0, k=2, top_m=2)  # lora_alpha != 1: the scaling, 0.5, must survive the round trip
+POOL_BUFFERS = ("activation_counts", "merged_A", "merged_B", "merged_scaling", "merge_sizes")
+
+
+def _train_pools_by_forward(model, seed):
+    """Stand-in for a task of training: random B columns, and activation counts from train-mode forward passes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in pool_layers(model):
+            layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=generator))
+        model.train()
+        for _ in range(2):
+            _features(model)
+    model.eval()
+
+
+def _trained_peft_model():
+    """A peft model after two merged tasks and halfway through a third: a merge history, a live pool, counts."""
+    model = get_peft_model(_hf_clip(), rank1_pool_lora_config(target_modules=HF_TARGETS, **POOL))
+    set_text_routing(model, "eot")
+    lifecycle = PoolLifecycle(model, top_m=POOL["top_m"])
+    for task in range(3):
+        lifecycle.begin_task(task)
+        _train_pools_by_forward(model, seed=task)
+        if task < 2:
+            lifecycle.end_task()
+    return model
+
+
+def _refuse_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading the adapter unpickled something: it could run code from the file")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def _assert_same_state(actual, expected):
+    actual_state, expected_state = actual.state_dict(), expected.state_dict()
+    assert actual_state.keys() == expected_state.keys()
+    for key, value in expected_state.items():
+        torch.testing.assert_close(actual_state[key], value, rtol=0, atol=0, msg=key)
+
+
+LOADERS = {
+    "load_rank1_pool_adapter": lambda base, path: load_rank1_pool_adapter(
+        base, path, k=POOL["k"], top_m=POOL["top_m"], is_trainable=True
+    ),
+    "from_pretrained_with_config": lambda base, path: PeftModel.from_pretrained(
+        base, path, config=rank1_pool_lora_config(target_modules=HF_TARGETS, **POOL)
+    ),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_save_pretrained_round_trip_restores_pools_merges_and_outputs_bit_for_bit(tmp_path, monkeypatch, loader):
+    trained = _trained_peft_model()
+    with torch.no_grad():
+        expected = _features(trained)
+    trained.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.glob("adapter_model*")) == ["adapter_model.safetensors"]
+
+    base = _hf_clip()  # the original base weights: the adapter's merges go back into them
+    pristine_fc1 = base.text_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
+    _refuse_unpickling(monkeypatch)
+    loaded = LOADERS[loader](base, tmp_path)
+    monkeypatch.undo()
+    set_text_routing(loaded, "eot")  # routing hooks are not part of the adapter
+    loaded.eval()
+
+    layers = dict(pool_layers(loaded))
+    assert layers.keys() == dict(pool_layers(trained)).keys() and len(layers) == 24
+    for name, layer in layers.items():
+        assert layer.scaling == 0.5 and layer.merged_scaling.tolist() == [0.5] * 4, name
+        assert layer.merge_sizes.tolist() == [2, 2] and int(layer.activation_counts.sum()) > 0, name
+        assert layer.lora_B.detach().abs().sum() > 0 and layer.merged_B.abs().sum() > 0, name
+    # Every parameter and buffer: pools, routers, counts, merge history, and the base weights with the merges in.
+    _assert_same_state(loaded, trained)
+    assert {key.rsplit(".", 1)[-1] for key in loaded.state_dict() if ".lora_pool." in key} >= set(POOL_BUFFERS)
+    fc1 = loaded.base_model.model.text_model.encoder.layers[0].mlp.fc1.base_layer.weight
+    assert not torch.equal(fc1, pristine_fc1) and not fc1.requires_grad
+    trainable = [name for name, p in loaded.named_parameters() if p.requires_grad]
+    assert all(".lora_pool.default." in name for name in trainable)
+    assert bool(trainable) == (loader == "load_rank1_pool_adapter")  # is_trainable=True there, peft's default here
+
+    with torch.no_grad():
+        torch.testing.assert_close(_features(loaded), expected, rtol=0, atol=0)
+    _assert_same_state(loaded.merge_and_unload(), trained.merge_and_unload())
+
+
+def test_loading_an_adapter_state_into_a_model_with_merges_replaces_its_history_instead_of_adding_to_it(tmp_path):
+    trained = _trained_peft_model()
+    trained.save_pretrained(tmp_path)
+    saved = copy.deepcopy(trained)
+    merge_all(trained, top_m=POOL["top_m"])  # a third merge after the save: restoring the save takes it out again
+    _train_pools_by_forward(trained, seed=3)
+
+    set_peft_model_state_dict(trained, load_peft_weights(str(tmp_path), device="cpu"))  # as a resumed run does
+    pristine = dict(_hf_clip().named_parameters())
+    restored, oracle_layers = dict(pool_layers(trained)), dict(pool_layers(saved))
+    for name, layer in restored.items():
+        expected = oracle_layers[name]
+        _assert_same_state(layer, expected)  # the pool, its router, counts and merge history (not the shared weight)
+        # Undoing three merges and redoing two rounds differently from the saving run's two: the tolerance rule.
+        original = pristine[name.removeprefix("base_model.model.").removesuffix(".lora_pool.default") + ".weight"]
+        oracle = original.double() + (layer.merged_B.double() * layer.merged_scaling) @ layer.merged_A.double()
+        assert_close_by_rule(layer.weight, expected.weight, oracle, f"{name}.weight")
+
+    # A full state_dict holds the merged base weights: loading it re-applies nothing.
+    fresh = get_peft_model(_hf_clip(), rank1_pool_lora_config(target_modules=HF_TARGETS, **POOL))
+    fresh.load_state_dict(saved.state_dict())
+    _assert_same_state(fresh, saved)

@@ -13,19 +13,25 @@ targeted nn.Linear, so that get_peft_model, save_pretrained and merge_and_unload
 LoraConfig's r, lora_alpha and lora_dropout mean what they mean for the pool (scaling alpha / r); k (experts per
 sample), top_m (experts merged), routing, gate and backend are arguments of rank1_pool_lora_config. One adapter per
 model: the pool's merge history is a continual-learning state, not a set of swappable adapters.
+
+save_pretrained writes the pools and their merge history (safetensors), not the base weights the merges went
+into; loading the adapter onto the original base model re-applies the recorded merges:
+
+    model = load_rank1_pool_adapter(original_model, path, k=8, top_m=4)   # the pool settings used in training
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..module import FusedRank1PoolLinear
+from ..module import _HISTORY_BUFFERS, FusedRank1PoolLinear
 
 
 class SharedBasePoolLinear(FusedRank1PoolLinear):
@@ -89,7 +95,13 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, k, routing, gate, backend, batch_first)
+        if config is not None and config.inference_mode:
+            # PeftModel.from_pretrained(is_trainable=False) freezes adapters through LoraLayer.set_adapter, which
+            # peft calls on LoraLayer instances only: this layer freezes its pool itself.
+            self.lora_pool.requires_grad_(False)
         self._active_adapter = adapter_name
+        self._pools_to_remerge: list[str] = []
+        self.register_load_state_dict_post_hook(Rank1PoolLoraLinear._remerge_loaded_history)
 
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout, k, routing, gate, backend, batch_first) -> None:
         if self.lora_pool:
@@ -155,8 +167,38 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             self.lora_pool[self.merged_adapters.pop()].unmerge()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """An adapter state (save_pretrained, get_peft_model_state_dict) holds a pool's merge history but not the base
+        weight the merges went into. Loaded without the base weight, the history replaces this layer's own: its
+        merges are taken out of the base weight now, the loaded ones put in once the pool has loaded (post hook).
+        With the base weight (a full state_dict) the weight already holds the loaded merges: nothing to redo."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        if prefix + "base_layer.weight" in state_dict:
+            return
+        for name, pool in self.lora_pool.items():
+            if all(f"{prefix}lora_pool.{name}.{buffer}" in state_dict for buffer in _HISTORY_BUFFERS):
+                self.merged_adapters = [merged for merged in self.merged_adapters if merged != name]
+                while pool.merge_sizes.numel():
+                    pool.unmerge()
+                self._pools_to_remerge.append(name)
+
+    @staticmethod
+    def _remerge_loaded_history(layer: "Rank1PoolLoraLinear", incompatible_keys) -> None:
+        while layer._pools_to_remerge:
+            layer.lora_pool[layer._pools_to_remerge.pop()].reapply_merges()
+
     def __repr__(self) -> str:
         return "rank1_pool." + super().__repr__()
+
+
+def _with_pool_layers(config: LoraConfig, k, top_m, routing, gate, backend, batch_first) -> LoraConfig:
+    """`config` with peft's custom module mapping: every targeted nn.Linear becomes a Rank1PoolLoraLinear."""
+    config._register_custom_module({
+        nn.Linear: functools.partial(
+            Rank1PoolLoraLinear, k=k, top_m=top_m, routing=routing, gate=gate, backend=backend, batch_first=batch_first
+        )
+    })  # fmt: skip
+    return config
 
 
 def rank1_pool_lora_config(
@@ -179,9 +221,26 @@ def rank1_pool_lora_config(
     config = LoraConfig(
         target_modules=target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **lora_config_kwargs
     )
-    config._register_custom_module({
-        nn.Linear: functools.partial(
-            Rank1PoolLoraLinear, k=k, top_m=top_m, routing=routing, gate=gate, backend=backend, batch_first=batch_first
-        )
-    })  # fmt: skip
-    return config
+    return _with_pool_layers(config, k, top_m, routing, gate, backend, batch_first)
+
+
+def load_rank1_pool_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    k: int = 8,
+    top_m: int = 4,
+    routing: str = "sample",
+    gate: str = "none",
+    backend: str = "auto",
+    batch_first: bool = True,
+    is_trainable: bool = False,
+) -> PeftModel:
+    """PeftModel.from_pretrained(model, path) for an adapter saved from a rank1_pool_lora_config model.
+
+    adapter_config.json gives the LoraConfig (targets, r, lora_alpha, ...) but not the custom module mapping (peft does
+    not save it; without it peft would build its own LoRA layers) nor the pool's settings: pass the k, top_m,
+    routing, gate and batch_first used in training. `model` is the original base model: the merges the adapter
+    records are re-applied to its weights. Routing hooks are not saved either: call set_text_routing again."""
+    saved = LoraConfig.from_pretrained(os.fspath(path))
+    config = _with_pool_layers(saved, k, top_m, routing, gate, backend, batch_first)
+    return PeftModel.from_pretrained(model, os.fspath(path), config=config, is_trainable=is_trainable)
