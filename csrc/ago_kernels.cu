@@ -10,13 +10,14 @@ namespace {
 constexpr int kAgoThreads = 256;
 
 template <typename T>
-__global__ void ago_gram_kernel(AgoTables tables, float* __restrict__ gram, float* __restrict__ losses, int64_t p) {
+__global__ void ago_gram_kernel(AgoTables tables, AgoInputs inputs, float* __restrict__ gram, float* __restrict__ losses,
+                                int64_t p) {
   __shared__ float partial[kAgoThreads];
   const int64_t layer = blockIdx.x;
-  const T* b_cur = reinterpret_cast<const T*>(tables.b_cur[layer]);
-  const T* b_prev = reinterpret_cast<const T*>(tables.b_prev[layer]);
-  const bool* cur_mask = reinterpret_cast<const bool*>(tables.cur_mask[layer]);
-  const bool* prev_mask = reinterpret_cast<const bool*>(tables.prev_mask[layer]);
+  const T* b_cur = static_cast<const T*>(inputs.b_cur) + tables.cur_offset[layer];
+  const T* b_prev = static_cast<const T*>(inputs.b_prev) + tables.prev_offset[layer];
+  const bool* cur_mask = inputs.cur_mask + tables.cur_mask_offset[layer];
+  const bool* prev_mask = inputs.prev_mask + tables.prev_mask_offset[layer];
   const int64_t d_out = tables.d_out[layer], r_cur = tables.r_cur[layer], r_prev = tables.r_prev[layer];
   float* layer_gram = gram + tables.gram_offset[layer];
   float loss = 0.f;
@@ -45,20 +46,21 @@ __device__ __forceinline__ float loss_slope(float g, int64_t p) {
 
 // grid (n_layers, column blocks over d_out): one thread per output row o of the layer's gradients.
 template <typename T>
-__global__ void ago_grad_kernel(AgoTables tables, const float* __restrict__ gram, const float* __restrict__ grad,
-                                int64_t p, T* __restrict__ d_cur_packed, T* __restrict__ d_prev_packed) {
+__global__ void ago_grad_kernel(AgoTables tables, AgoInputs inputs, const float* __restrict__ gram,
+                                const float* __restrict__ grad, int64_t p, T* __restrict__ d_cur_packed,
+                                T* __restrict__ d_prev_packed) {
   const int64_t layer = blockIdx.x;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t d_out = tables.d_out[layer];
   if (o >= d_out) return;
-  const T* b_cur = reinterpret_cast<const T*>(tables.b_cur[layer]);
-  const T* b_prev = reinterpret_cast<const T*>(tables.b_prev[layer]);
-  const bool* cur_mask = reinterpret_cast<const bool*>(tables.cur_mask[layer]);
-  const bool* prev_mask = reinterpret_cast<const bool*>(tables.prev_mask[layer]);
+  const T* b_cur = static_cast<const T*>(inputs.b_cur) + tables.cur_offset[layer];
+  const T* b_prev = static_cast<const T*>(inputs.b_prev) + tables.prev_offset[layer];
+  const bool* cur_mask = inputs.cur_mask + tables.cur_mask_offset[layer];
+  const bool* prev_mask = inputs.prev_mask + tables.prev_mask_offset[layer];
   const int64_t r_cur = tables.r_cur[layer], r_prev = tables.r_prev[layer];
   const float* layer_gram = gram + tables.gram_offset[layer];
   const float scale = grad[layer];
-  T* d_cur = d_cur_packed + tables.d_cur_offset[layer];
+  T* d_cur = d_cur_packed + tables.cur_offset[layer];
   for (int64_t i = 0; i < r_cur; ++i) {
     float acc = 0.f;
     if (cur_mask[i]) {
@@ -69,7 +71,7 @@ __global__ void ago_grad_kernel(AgoTables tables, const float* __restrict__ gram
     d_cur[o * r_cur + i] = from_float<T>(acc * scale);
   }
   if (d_prev_packed == nullptr) return;
-  T* d_prev = d_prev_packed + tables.d_prev_offset[layer];
+  T* d_prev = d_prev_packed + tables.prev_offset[layer];
   for (int64_t j = 0; j < r_prev; ++j) {
     float acc = 0.f;
     if (prev_mask[j]) {
@@ -83,21 +85,23 @@ __global__ void ago_grad_kernel(AgoTables tables, const float* __restrict__ gram
 
 }  // namespace
 
-void launch_ago_forward(Dtype dtype, const AgoTables& tables, float* gram, float* losses, int64_t p,
-                        cudaStream_t stream) {
+void launch_ago_forward(Dtype dtype, const AgoTables& tables, const AgoInputs& inputs, float* gram, float* losses,
+                        int64_t p, cudaStream_t stream) {
   if (tables.n_layers == 0) return;
   RANK1_DISPATCH(dtype, {
-    ago_gram_kernel<T><<<static_cast<unsigned int>(tables.n_layers), kAgoThreads, 0, stream>>>(tables, gram, losses, p);
+    ago_gram_kernel<T><<<static_cast<unsigned int>(tables.n_layers), kAgoThreads, 0, stream>>>(tables, inputs, gram,
+                                                                                                 losses, p);
   });
   check_launch("ago_gram_kernel");
 }
 
-void launch_ago_backward(Dtype dtype, const AgoTables& tables, const float* gram, const float* grad, int64_t p,
-                         void* d_cur, void* d_prev, int64_t max_d_out, cudaStream_t stream) {
+void launch_ago_backward(Dtype dtype, const AgoTables& tables, const AgoInputs& inputs, const float* gram,
+                         const float* grad, int64_t p, void* d_cur, void* d_prev, int64_t max_d_out,
+                         cudaStream_t stream) {
   if (tables.n_layers == 0 || max_d_out == 0) return;
   const dim3 grid(static_cast<unsigned int>(tables.n_layers), blocks_for(max_d_out, kAgoThreads));
   RANK1_DISPATCH(dtype, {
-    ago_grad_kernel<T><<<grid, kAgoThreads, 0, stream>>>(tables, gram, grad, p, static_cast<T*>(d_cur),
+    ago_grad_kernel<T><<<grid, kAgoThreads, 0, stream>>>(tables, inputs, gram, grad, p, static_cast<T*>(d_cur),
                                                          static_cast<T*>(d_prev));
   });
   check_launch("ago_grad_kernel");

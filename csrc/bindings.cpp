@@ -134,10 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
   return {dx, d_lora_input, dA, dB, dgates};
 }
 
-// The device tables of a grouped AGO call, kept by their contents: a training loop passes the same B tensors and
-// masks every step, so the tables are copied to the device once and later calls launch without a host-to-device
-// copy (after one warm-up call with the same tensors the op can be captured in a CUDA graph). Equal contents mean
-// equal tables, so a hit is right even if an address was freed and reused since.
+// The device tables of grouped AGO calls, by content. The tables hold offsets and sizes only, which depend on the
+// layers' shapes: a training loop's steps all find the same table, so after the first step no table is copied to
+// the device and the op can be captured in a CUDA graph. A model's shapes change only when a task's merge widens
+// B_prev, hence a small cache.
 class AgoTableCache {
  public:
   at::Tensor get(const std::vector<int64_t>& host, const at::Device& device) {
@@ -164,16 +164,26 @@ AgoTableCache& ago_table_cache() {
   return cache;
 }
 
+// Every layer's matrices, row-major, one after another (a device-side copy; never empty, so the pointer is real).
+at::Tensor pack(const std::vector<at::Tensor>& tensors, at::ScalarType dtype) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : tensors) flat.push_back(t.to(dtype).reshape({-1}));
+  auto packed = at::cat(flat);
+  return packed.numel() ? packed : at::zeros({1}, packed.options());
+}
+
 struct AgoLayout {
-  at::Tensor tables;                   // (kAgoTableColumns, n_layers) int64 on the device: the AgoTables columns
-  std::vector<at::Tensor> keep_alive;  // contiguous copies the table points into
+  at::Tensor tables;                             // (kAgoTableColumns, n_layers) int64 on the device
+  at::Tensor b_cur, b_prev, cur_mask, prev_mask;  // the packed inputs the tables index
   int64_t gram_size = 0, d_cur_size = 0, d_prev_size = 0, max_d_out = 0;
 
   AgoTables view() const {
     const int64_t* base = tables.data_ptr<int64_t>();
     const int64_t n = tables.size(1);
-    return {base,         base + n,     base + 2 * n, base + 3 * n, base + 4 * n, base + 5 * n,
-            base + 6 * n, base + 7 * n, base + 8 * n, base + 9 * n, n};
+    return {base, base + n, base + 2 * n, base + 3 * n, base + 4 * n, base + 5 * n, base + 6 * n, base + 7 * n, n};
+  }
+  AgoInputs inputs() const {
+    return {b_cur.data_ptr(), b_prev.data_ptr(), cur_mask.data_ptr<bool>(), prev_mask.data_ptr<bool>()};
   }
 };
 
@@ -185,26 +195,32 @@ AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at
               "rank1 AGO: the four lists must have one entry per layer");
   AgoLayout layout;
   std::vector<int64_t> host(kAgoTableColumns * n);
+  int64_t cur_mask_size = 0, prev_mask_size = 0;
   for (int64_t l = 0; l < n; ++l) {
     check_cuda(b_curs[l], "B_cur");
-    auto cur = b_curs[l].contiguous(), prev = b_prevs[l].contiguous();
-    auto cur_mask = cur_masks[l].to(at::kBool).contiguous(), prev_mask = prev_masks[l].to(at::kBool).contiguous();
-    host[l] = reinterpret_cast<int64_t>(cur.data_ptr());
-    host[n + l] = reinterpret_cast<int64_t>(prev.data_ptr());
-    host[2 * n + l] = reinterpret_cast<int64_t>(cur_mask.data_ptr());
-    host[3 * n + l] = reinterpret_cast<int64_t>(prev_mask.data_ptr());
-    host[4 * n + l] = cur.size(0);
-    host[5 * n + l] = cur.size(1);
-    host[6 * n + l] = prev.size(1);
+    const int64_t d_out = b_curs[l].size(0), r_cur = b_curs[l].size(1), r_prev = b_prevs[l].size(1);
+    TORCH_CHECK(b_prevs[l].size(0) == d_out && cur_masks[l].numel() == r_cur && prev_masks[l].numel() == r_prev,
+                "rank1 AGO: layer ", l, " has mismatched shapes");
+    host[l] = layout.d_cur_size;
+    host[n + l] = layout.d_prev_size;
+    host[2 * n + l] = cur_mask_size;
+    host[3 * n + l] = prev_mask_size;
+    host[4 * n + l] = d_out;
+    host[5 * n + l] = r_cur;
+    host[6 * n + l] = r_prev;
     host[7 * n + l] = layout.gram_size;
-    host[8 * n + l] = layout.d_cur_size;
-    host[9 * n + l] = layout.d_prev_size;
-    layout.gram_size += cur.size(1) * prev.size(1);
-    layout.d_cur_size += cur.numel();
-    layout.d_prev_size += prev.numel();
-    layout.max_d_out = std::max(layout.max_d_out, cur.size(0));
-    layout.keep_alive.insert(layout.keep_alive.end(), {cur, prev, cur_mask, prev_mask});
+    layout.d_cur_size += d_out * r_cur;
+    layout.d_prev_size += d_out * r_prev;
+    cur_mask_size += r_cur;
+    prev_mask_size += r_prev;
+    layout.gram_size += r_cur * r_prev;
+    layout.max_d_out = std::max(layout.max_d_out, d_out);
   }
+  const auto dtype = b_curs[0].scalar_type();
+  layout.b_cur = pack(b_curs, dtype);
+  layout.b_prev = pack(b_prevs, dtype);
+  layout.cur_mask = pack(cur_masks, at::kBool);
+  layout.prev_mask = pack(prev_masks, at::kBool);
   layout.tables = ago_table_cache().get(host, b_curs[0].device()).view({kAgoTableColumns, n});
   return layout;
 }
@@ -220,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor> ago_fwd(const std::vector<at::Tensor>& b_curs
   const auto fp32 = b_curs[0].options().dtype(at::kFloat);
   auto gram = at::empty({layout.gram_size}, fp32);
   auto losses = at::empty({static_cast<int64_t>(b_curs.size())}, fp32);
-  launch_ago_forward(dtype_of(b_curs[0]), layout.view(), gram.data_ptr<float>(), losses.data_ptr<float>(), p, stream);
+  launch_ago_forward(dtype_of(b_curs[0]), layout.view(), layout.inputs(), gram.data_ptr<float>(),
+                     losses.data_ptr<float>(), p, stream);
   return {losses, gram};
 }
 
@@ -237,8 +254,9 @@ std::tuple<at::Tensor, at::Tensor> ago_bwd(
   const auto grad = grad_in.to(at::kFloat).contiguous(), gram = gram_in.contiguous();
   auto d_cur = at::empty({layout.d_cur_size}, b_curs[0].options());
   auto d_prev = at::empty({prev_requires_grad ? layout.d_prev_size : 0}, b_curs[0].options());
-  launch_ago_backward(dtype_of(b_curs[0]), layout.view(), gram.data_ptr<float>(), grad.data_ptr<float>(), p,
-                      d_cur.data_ptr(), prev_requires_grad ? d_prev.data_ptr() : nullptr, layout.max_d_out, stream);
+  launch_ago_backward(dtype_of(b_curs[0]), layout.view(), layout.inputs(), gram.data_ptr<float>(),
+                      grad.data_ptr<float>(), p, d_cur.data_ptr(), prev_requires_grad ? d_prev.data_ptr() : nullptr,
+                      layout.max_d_out, stream);
   return {d_cur, d_prev};
 }
 

@@ -43,32 +43,38 @@ void launch_expert_grad(Dtype dtype, const float* coef, const void* gates, float
                         int64_t n_cols, int64_t k, int64_t tokens_per_sample, cudaStream_t stream);
 
 // The grouped AGO Gram: for each layer l, G_l = (B_cur * cur_mask)^T (B_prev * prev_mask), (r_cur, r_prev), fp32.
-// Tables (device, int64, n_layers entries): pointers to B_cur (d_out, r_cur) and B_prev (d_out, r_prev), contiguous,
-// pointers to the bool masks, d_out, r_cur, r_prev, each layer's offset into the packed gram buffer, and each
-// layer's element offset into the packed gradient buffers of B_cur and B_prev. Offsets rather than output pointers
-// keep the tables the same from step to step, so the caller can keep them on the device (no copy per call).
+// The layers' B_cur (d_out, r_cur), B_prev (d_out, r_prev) and bool masks are packed one after another, row-major,
+// into four buffers; the tables (device, int64, n_layers entries each) give every layer's offsets into them, its
+// sizes, and its offset into the packed gram. They depend on the layers' shapes only, so a caller can keep them on
+// the device from step to step (no host-to-device copy per call). The gradients are packed like B_cur and B_prev.
 struct AgoTables {
-  const int64_t* b_cur;
-  const int64_t* b_prev;
-  const int64_t* cur_mask;
-  const int64_t* prev_mask;
+  const int64_t* cur_offset;
+  const int64_t* prev_offset;
+  const int64_t* cur_mask_offset;
+  const int64_t* prev_mask_offset;
   const int64_t* d_out;
   const int64_t* r_cur;
   const int64_t* r_prev;
   const int64_t* gram_offset;
-  const int64_t* d_cur_offset;
-  const int64_t* d_prev_offset;
   int64_t n_layers;
 };
-constexpr int kAgoTableColumns = 10;
+constexpr int kAgoTableColumns = 8;
+
+struct AgoInputs {
+  const void* b_cur;  // packed B_cur, B's dtype
+  const void* b_prev;
+  const bool* cur_mask;
+  const bool* prev_mask;
+};
 
 // gram: packed fp32 buffer; losses[l] = sum |G_l|^p  (p = 1 or 2), reduced in a fixed order.
-void launch_ago_forward(Dtype dtype, const AgoTables& tables, float* gram, float* losses, int64_t p,
-                        cudaStream_t stream);
+void launch_ago_forward(Dtype dtype, const AgoTables& tables, const AgoInputs& inputs, float* gram, float* losses,
+                        int64_t p, cudaStream_t stream);
 
-// d_cur + d_cur_offset[l], (d_out, r_cur) = grad[l] * cur_mask * dloss/dG_l (B_prev * prev_mask)^T, and likewise
-// d_prev when non-null. d_cur / d_prev: packed buffers of B's dtype.
-void launch_ago_backward(Dtype dtype, const AgoTables& tables, const float* gram, const float* grad, int64_t p,
-                         void* d_cur, void* d_prev, int64_t max_d_out, cudaStream_t stream);
+// d_cur (packed like B_cur) = grad[l] * cur_mask * dloss/dG_l (B_prev * prev_mask)^T, and likewise d_prev (packed
+// like B_prev) when non-null; B's dtype.
+void launch_ago_backward(Dtype dtype, const AgoTables& tables, const AgoInputs& inputs, const float* gram,
+                         const float* grad, int64_t p, void* d_cur, void* d_prev, int64_t max_d_out,
+                         cudaStream_t stream);
 
 }  // namespace rank1

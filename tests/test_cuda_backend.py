@@ -166,15 +166,17 @@ def test_compiled_layer_on_gpu(cuda_ops):
 
 @pytest.mark.gpu
 def test_ago_captures_in_a_cuda_graph_after_a_warm_up_step(cuda_ops):
-    """The grouped AGO op keeps its per-layer tables on the device once it has seen the tensors: after one warm-up
-    step, forward and backward capture in a CUDA graph, and replaying it gives the eager result."""
+    """The grouped AGO op keeps its per-layer tables (offsets and sizes, by the layers' shapes) on the device: after
+    one warm-up step, forward and backward capture in a CUDA graph, with the masks made afresh every step as
+    ago_penalty makes them, and replaying the graph gives the eager result."""
     g = torch.Generator(device="cuda").manual_seed(3)
     curs = [torch.randn(d, r, device="cuda", generator=g).requires_grad_() for d, r, _ in cuda_cases.VIT_AGO_LAYERS]
     prevs = [torch.randn(d, m, device="cuda", generator=g) for d, _, m in cuda_cases.VIT_AGO_LAYERS]
-    masks = [torch.rand(r, device="cuda", generator=g) > 0.5 for _, r, _ in cuda_cases.VIT_AGO_LAYERS]
-    prev_masks = [torch.ones(m, dtype=torch.bool, device="cuda") for _, _, m in cuda_cases.VIT_AGO_LAYERS]
+    usage = [torch.rand(r, device="cuda", generator=g) for _, r, _ in cuda_cases.VIT_AGO_LAYERS]
 
     def step():
+        masks = [counts > 0.5 for counts in usage]  # new tensors each call
+        prev_masks = [torch.ones(prev.shape[1], dtype=torch.bool, device="cuda") for prev in prevs]
         losses = rank1_kernels.ago_loss_grouped(curs, prevs, masks, prev_masks, 1, backend="cuda")
         return [losses, *torch.autograd.grad(losses.sum(), curs)]
 
