@@ -5,6 +5,7 @@ merge_all + unload, and save_pretrained + loading onto the original base model r
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -20,9 +21,11 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict  # noqa: E40
 from rank1_kernels import PoolLifecycle, inject, merge_all, pool_layers, unload  # noqa: E402
 from rank1_kernels.families import set_text_routing  # noqa: E402
 from rank1_kernels.integrations.peft_bridge import (  # noqa: E402
+    POOL_SETTINGS_FILE,
     Rank1PoolLoraLinear,
     load_rank1_pool_adapter,
     rank1_pool_lora_config,
+    save_rank1_pool_adapter,
 )
 from _tolerance import assert_close_by_rule  # noqa: E402
 from test_integration_families import _captions, _hf_clip, _images, _train_pools_at_random  # noqa: E402
@@ -242,3 +245,34 @@ def test_loading_an_adapter_state_into_a_model_with_merges_replaces_its_history_
     fresh = get_peft_model(_hf_clip(), rank1_pool_lora_config(target_modules=HF_TARGETS, **POOL))
     fresh.load_state_dict(saved.state_dict())
     _assert_same_state(fresh, saved)
+
+
+def test_save_rank1_pool_adapter_records_the_pool_settings_and_the_loader_holds_to_them(tmp_path):
+    trained = _trained_peft_model()
+    with torch.no_grad():
+        expected = _features(trained)
+    save_rank1_pool_adapter(trained, tmp_path)
+    settings = json.loads((tmp_path / POOL_SETTINGS_FILE).read_text())
+    assert settings == {"k": 2, "top_m": 2, "routing": "sample", "gate": "none", "batch_first": True}
+
+    loaded = load_rank1_pool_adapter(_hf_clip(), tmp_path)  # no setting passed: all from the file
+    set_text_routing(loaded, "eot")
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_features(loaded), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"k=3 \(saved: 2\) disagree with .*rank1_pool_config.json"):
+        load_rank1_pool_adapter(_hf_clip(), tmp_path, k=3)
+
+
+def test_loading_a_plain_save_pretrained_needs_k_and_top_m(tmp_path):
+    _trained_peft_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"has no rank1_pool_config.json .* pass k=, top_m= as in training"):
+        load_rank1_pool_adapter(_hf_clip(), tmp_path)
+
+
+def test_save_rank1_pool_adapter_refuses_a_merged_model(tmp_path):
+    trained = _trained_peft_model()
+    trained.merge_adapter()
+    with pytest.raises(ValueError, match=r"the model is merged .* unmerge\(\) first"):
+        save_rank1_pool_adapter(trained, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -15,9 +15,11 @@ sample), top_m (experts merged), routing, gate and backend are arguments of rank
 model: the pool's merge history is a continual-learning state, not a set of swappable adapters.
 
 save_pretrained writes the pools and their merge history (safetensors), not the base weights the merges went
-into; loading the adapter onto the original base model re-applies the recorded merges:
+into; loading the adapter onto the original base model re-applies the recorded merges.
+save_rank1_pool_adapter also records the pool settings that adapter_config.json cannot hold:
 
-    model = load_rank1_pool_adapter(original_model, path, k=8, top_m=4)   # the pool settings used in training
+    save_rank1_pool_adapter(model, path)                     # model.save_pretrained(path) + rank1_pool_config.json
+    model = load_rank1_pool_adapter(original_model, path)    # (for a plain save_pretrained: pass k=..., top_m=...)
 """
 
 from __future__ import annotations
@@ -224,23 +226,92 @@ def rank1_pool_lora_config(
     return _with_pool_layers(config, k, top_m, routing, gate, backend, batch_first)
 
 
+POOL_SETTINGS_FILE = "rank1_pool_config.json"
+_POOL_SETTINGS = ("k", "top_m", "routing", "gate", "batch_first")
+# Without a settings file, what rank1_pool_lora_config defaults to; k and top_m must always be known.
+_SETTING_DEFAULTS = {"routing": "sample", "gate": "none", "batch_first": True}
+
+
+def _pool_settings(model: nn.Module) -> dict:
+    settings = set()
+    for module in model.modules():
+        if isinstance(module, Rank1PoolLoraLinear):
+            if module.merged_adapters:
+                raise ValueError(
+                    "save_rank1_pool_adapter: the model is merged (peft's merge()); its merge would be saved in the "
+                    "history without the flag that says it is merged, and count twice after loading: unmerge() first"
+                )
+            for pool in module.lora_pool.values():
+                settings.add((pool.k, module.top_m, pool.routing, pool.gate, pool.batch_first))
+    if not settings:
+        raise ValueError("save_rank1_pool_adapter: the model has no Rank1PoolLoraLinear layers")
+    if len(settings) > 1:
+        raise ValueError(f"save_rank1_pool_adapter: the pool layers differ in their settings {sorted(settings)}")
+    return dict(zip(_POOL_SETTINGS, settings.pop()))
+
+
+def save_rank1_pool_adapter(model: PeftModel, path: str | os.PathLike, **save_pretrained_kwargs) -> None:
+    """model.save_pretrained(path), plus rank1_pool_config.json with the pool settings that adapter_config.json
+    cannot hold (k, top_m, routing, gate, batch_first), so that load_rank1_pool_adapter needs none of them and
+    refuses conflicting ones. Refuses a merged model (peft's merge()): save unmerged."""
+    import json
+
+    from ..adapters import atomic_write
+
+    settings = _pool_settings(model)
+    model.save_pretrained(os.fspath(path), **save_pretrained_kwargs)
+
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            json.dump(settings, handle, indent=2)
+
+    atomic_write(os.path.join(os.fspath(path), POOL_SETTINGS_FILE), write)
+
+
 def load_rank1_pool_adapter(
     model: nn.Module,
     path: str | os.PathLike,
-    k: int = 8,
-    top_m: int = 4,
-    routing: str = "sample",
-    gate: str = "none",
+    k: int | None = None,
+    top_m: int | None = None,
+    routing: str | None = None,
+    gate: str | None = None,
+    batch_first: bool | None = None,
     backend: str = "auto",
-    batch_first: bool = True,
     is_trainable: bool = False,
 ) -> PeftModel:
     """PeftModel.from_pretrained(model, path) for an adapter saved from a rank1_pool_lora_config model.
 
     adapter_config.json gives the LoraConfig (targets, r, lora_alpha, ...) but not the custom module mapping (peft does
-    not save it; without it peft would build its own LoRA layers) nor the pool's settings: pass the k, top_m,
-    routing, gate and batch_first used in training. `model` is the original base model: the merges the adapter
-    records are re-applied to its weights. Routing hooks are not saved either: call set_text_routing again."""
+    not save it; without it peft would build its own LoRA layers) nor the pool's settings. Those come from
+    rank1_pool_config.json when the adapter was saved with save_rank1_pool_adapter (a setting passed here must then
+    agree with it); for a plain save_pretrained, pass k and top_m (routing, gate and batch_first default as in
+    rank1_pool_lora_config). `model` is the original base model: the merges the adapter records are re-applied to its
+    weights. Routing hooks are not saved: call set_text_routing again."""
+    import json
+
+    given = {"k": k, "top_m": top_m, "routing": routing, "gate": gate, "batch_first": batch_first}
+    settings_path = os.path.join(os.fspath(path), POOL_SETTINGS_FILE)
+    if os.path.exists(settings_path):
+        with open(settings_path) as handle:
+            saved_settings = json.load(handle)
+        conflicts = {name: (value, saved_settings[name]) for name, value in given.items()
+                     if value is not None and value != saved_settings[name]}  # fmt: skip
+        if conflicts:
+            described = ", ".join(
+                f"{name}={passed!r} (saved: {saved!r})" for name, (passed, saved) in conflicts.items()
+            )
+            raise ValueError(f"load_rank1_pool_adapter: {described} disagree with {settings_path}")
+        settings = saved_settings
+    else:
+        missing = [name for name in ("k", "top_m") if given[name] is None]
+        if missing:
+            raise ValueError(
+                f"load_rank1_pool_adapter: {path} has no {POOL_SETTINGS_FILE} (saved with save_pretrained, which does "
+                f"not record the pool settings): pass {', '.join(f'{name}=' for name in missing)} as in training, or "
+                f"save with save_rank1_pool_adapter"
+            )
+        settings = {name: _SETTING_DEFAULTS[name] if value is None else value for name, value in given.items()}
     saved = LoraConfig.from_pretrained(os.fspath(path))
-    config = _with_pool_layers(saved, k, top_m, routing, gate, backend, batch_first)
+    config = _with_pool_layers(saved, settings["k"], settings["top_m"], settings["routing"], settings["gate"], backend,
+                               settings["batch_first"])  # fmt: skip
     return PeftModel.from_pretrained(model, os.fspath(path), config=config, is_trainable=is_trainable)
