@@ -175,7 +175,7 @@ at::Tensor pack(const std::vector<at::Tensor>& tensors, at::ScalarType dtype) {
 struct AgoLayout {
   at::Tensor tables;                             // (kAgoTableColumns, n_layers) int64 on the device
   at::Tensor b_cur, b_prev, cur_mask, prev_mask;  // the packed inputs the tables index
-  int64_t gram_size = 0, d_cur_size = 0, d_prev_size = 0, max_d_out = 0;
+  int64_t gram_size = 0, cur_size = 0, prev_size = 0, max_d_out = 0;  // packed lengths (the gradients too)
 
   AgoTables view() const {
     const int64_t* base = tables.data_ptr<int64_t>();
@@ -201,16 +201,16 @@ AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at
     const int64_t d_out = b_curs[l].size(0), r_cur = b_curs[l].size(1), r_prev = b_prevs[l].size(1);
     TORCH_CHECK(b_prevs[l].size(0) == d_out && cur_masks[l].numel() == r_cur && prev_masks[l].numel() == r_prev,
                 "rank1 AGO: layer ", l, " has mismatched shapes");
-    host[l] = layout.d_cur_size;
-    host[n + l] = layout.d_prev_size;
+    host[l] = layout.cur_size;
+    host[n + l] = layout.prev_size;
     host[2 * n + l] = cur_mask_size;
     host[3 * n + l] = prev_mask_size;
     host[4 * n + l] = d_out;
     host[5 * n + l] = r_cur;
     host[6 * n + l] = r_prev;
     host[7 * n + l] = layout.gram_size;
-    layout.d_cur_size += d_out * r_cur;
-    layout.d_prev_size += d_out * r_prev;
+    layout.cur_size += d_out * r_cur;
+    layout.prev_size += d_out * r_prev;
     cur_mask_size += r_cur;
     prev_mask_size += r_prev;
     layout.gram_size += r_cur * r_prev;
@@ -252,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor> ago_bwd(
   const auto stream = current_stream();
   const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
   const auto grad = grad_in.to(at::kFloat).contiguous(), gram = gram_in.contiguous();
-  auto d_cur = at::empty({layout.d_cur_size}, b_curs[0].options());
-  auto d_prev = at::empty({prev_requires_grad ? layout.d_prev_size : 0}, b_curs[0].options());
+  auto d_cur = at::empty({layout.cur_size}, b_curs[0].options());
+  auto d_prev = at::empty({prev_requires_grad ? layout.prev_size : 0}, b_curs[0].options());
   launch_ago_backward(dtype_of(b_curs[0]), layout.view(), layout.inputs(), gram.data_ptr<float>(),
                       grad.data_ptr<float>(), p, d_cur.data_ptr(), prev_requires_grad ? d_prev.data_ptr() : nullptr,
                       layout.max_d_out, stream);
