@@ -39,6 +39,17 @@ def pool_case(device, n, T, d_in, d_out, r, k, dtype, seed=0):
     return [t.to(dtype) if t.is_floating_point() else t for t in (x, weight, bias, A, B, idx, gates)]
 
 
+def _assert_cuda_matches_reference(run, cast, names, label):
+    """run(backend, cast) -> outputs; the cuda outputs against the reference in the same dtype (`cast`) and an fp64
+    oracle, by the tolerance rule. Returns the cuda outputs."""
+    oracle = run("reference", lambda t: t.detach().double())
+    same = run("reference", cast)
+    got = run("cuda", cast)
+    for name, a, s, o in zip(names, got, same, oracle):
+        assert_close_by_rule(a, s, o, f"{label} {name}")
+    return got
+
+
 def check_pool_linear(device, dtype, shape, with_lora_input):
     """Forward and every gradient (dx, dA, dB, dgates, d lora_input) of backend='cuda' against the reference."""
     n, T, d_in, d_out, r, k = shape
@@ -55,11 +66,8 @@ def check_pool_linear(device, dtype, shape, with_lora_input):
         dy = torch.ones_like(y) * torch.linspace(-1, 1, y.shape[-1], device=device, dtype=y.dtype)
         return [y, *torch.autograd.grad(y, inputs, dy)]
 
-    oracle = run("reference", lambda t: t.detach().double())
-    same = run("reference", lambda t: t.detach().clone())
-    got = run("cuda", lambda t: t.detach().clone())
-    for name, a, s, o in zip(("y", "dx", "dA", "dB", "dgates", "d_lora_input"), got, same, oracle):
-        assert_close_by_rule(a, s, o, f"cuda {name} {dtype} {shape}")
+    names = ("y", "dx", "dA", "dB", "dgates", "d_lora_input")
+    got = _assert_cuda_matches_reference(run, lambda t: t.detach().clone(), names, f"cuda {dtype} {shape}")
     # Only the chosen experts receive gradient.
     unchosen = torch.ones(r, dtype=torch.bool, device=device)
     unchosen[idx.reshape(-1)] = False
@@ -79,11 +87,8 @@ def check_ago(device, dtype, p, layers):
         losses = rank1_kernels.ago_loss_grouped(leaves, [cast(t) for t in prevs], masks, prev_masks, p, backend=backend)
         return [losses, *torch.autograd.grad(losses.sum(), leaves)]
 
-    oracle = run("reference", lambda t: t.detach().double())
-    same = run("reference", lambda t: t.detach().to(dtype))
-    got = run("cuda", lambda t: t.detach().to(dtype))
-    for name, a, s, o in zip(["losses"] + [f"d_cur[{i}]" for i in range(len(layers))], got, same, oracle):
-        assert_close_by_rule(a, s, o, f"cuda AGO {name} {dtype} p={p}")
+    names = ["losses"] + [f"d_cur[{i}]" for i in range(len(layers))]
+    _assert_cuda_matches_reference(run, lambda t: t.detach().to(dtype), names, f"cuda AGO {dtype} p={p}")
 
 
 def check_ago_prev_gradient(device, p):
@@ -106,15 +111,13 @@ def check_ago_prev_gradient(device, p):
         losses = rank1_kernels.ago_loss_grouped(leaves[:2], leaves[2:], masks, prev_masks, p, backend=backend)
         return [losses, *torch.autograd.grad(losses.sum(), leaves)]
 
-    oracle = run("reference", lambda t: t.detach().double())
-    same = run("reference", lambda t: t.detach().clone())
-    got = run("cuda", lambda t: t.detach().clone())
-    for i, (a, s, o) in enumerate(zip(got, same, oracle)):
-        assert_close_by_rule(a, s, o, f"cuda AGO with B_prev gradient, output {i}, p={p}")
+    names = ["losses", "d_cur[0]", "d_cur[1]", "d_prev[0]", "d_prev[1]"]
+    _assert_cuda_matches_reference(run, lambda t: t.detach().clone(), names, f"cuda AGO with B_prev gradient p={p}")
 
 
 def check_opcheck(device):
-    """torch.library.opcheck on both fused ops (schema, fake implementation, autograd registration)."""
+    """torch.library.opcheck on the four ops, forward and backward of the pool linear and of the grouped AGO (schema,
+    fake implementation, autograd registration)."""
     x, weight, bias, A, B, idx, gates = pool_case(device, 2, 9, 32, 48, 12, 4, torch.float32)
     for lora_input in (None, torch.randn_like(x).requires_grad_()):
         args = (x.clone().requires_grad_(), weight, bias, A.clone().requires_grad_(), B.clone().requires_grad_(), idx,
@@ -135,8 +138,8 @@ def check_opcheck(device):
     for p in (1, 2):
         torch.library.opcheck(torch.ops.rank1.cuda_ago_fwd, (curs, prevs, masks, prev_masks, p))
         losses, gram = torch.ops.rank1.cuda_ago_fwd(curs, prevs, masks, prev_masks, p)
+        detached = [c.detach() for c in curs]  # the backward op is not itself differentiable
         for prev_requires_grad in (False, True):
-            detached = [c.detach() for c in curs]  # the backward op is not itself differentiable
             args = (torch.ones_like(losses).detach(), gram.detach(), detached, prevs, masks, prev_masks, p,
                     prev_requires_grad)  # fmt: skip
             torch.library.opcheck(torch.ops.rank1.cuda_ago_bwd, args)
