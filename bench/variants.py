@@ -1,13 +1,20 @@
-"""Bench-only backends that pin one variant of a fast kernel, so the sweep can check the dispatcher's choice.
+"""Bench-only backends that pin one choice of a fast kernel's dispatcher, so the sweep can check its choices.
 
-The Triton pool linear has two variants (rank1_kernels.triton_pool_linear: "gather" reads only the k chosen rows
-of A and columns of B per sample; "mask" projects all r experts and masks them) and picks one from the shapes.
-`register_triton_variants()` adds backends "triton-gather" and "triton-mask" that always run one of them; they
-accept exactly what the "triton" backend accepts, refuse the AGO op (it has one kernel, timed as "triton"), and
-sit after every real backend in priority, so backend="auto" never picks them.
+The Triton pool linear decides two things from the shapes (rank1_kernels.triton_pool_linear):
+    variant  "gather" reads only the k chosen rows of A and columns of B per sample; "mask" projects all r experts
+             and masks them (`choose_variant`);
+    shrink   "fused" computes the rank activations inside the base GEMM's K loop; "separate" runs a shrink kernel
+             before it (`choose_shrink`, per GEMM launch).
+`register_triton_variants()` adds backends "triton-gather" and "triton-mask" (variant pinned, shrink chosen as
+usual) and "triton-shrink-fused" and "triton-shrink-separate" (shrink pinned, variant chosen as usual). They accept
+what the "triton" backend accepts (the fused pin also refuses a pool whose slots do not fit the fused shrink, rather
+than being timed as the separate one), refuse the AGO op (it has one kernel, timed as "triton"), and sit after every
+real backend in priority, so backend="auto" never picks them.
 """
 
 from __future__ import annotations
+
+import torch
 
 from rank1_kernels.backends import register_backend
 
@@ -15,43 +22,42 @@ VARIANT_PRIORITY = 1000  # after every real backend: "auto" must never pick a be
 
 
 def register_triton_variants() -> tuple[list[str], str | None]:
-    """Register one backend per Triton pool-linear variant. Returns (the names registered, None) or
+    """Register one backend per pinned variant and per pinned shrink. Returns (the names registered, None) or
     ([], why not) when the Triton backend cannot be imported here."""
     try:
+        from rank1_kernels import triton_pool_linear as tp
         from rank1_kernels.triton_backend import TritonBackend
-        from rank1_kernels.triton_pool_linear import VARIANTS, triton_pool_linear
     except Exception as exc:  # Triton missing or the backend broken: the sweep goes on without the variants
         return [], f"{type(exc).__name__}: {exc}"
 
+    class Pinned(TritonBackend):
+        variant = "auto"
+        shrink = "auto"
+
+        def refuse_reason(self, op, tensors):
+            if op != "pool_linear":
+                return f"pins a pool-linear choice for the bench; {op} is timed as 'triton'"
+            reason = super().refuse_reason(op, tensors)
+            if reason is None and self.shrink == "fused":
+                x, A = tensors[0], [t for t in tensors[2:] if t.dim() == 2][0]
+                idx = next(t for t in tensors if t.dtype == torch.int64)
+                n_samples, k = idx.shape
+                variant = tp.choose_variant(A.shape[0], k, x.shape[0] // max(n_samples, 1))
+                n_slots = k if variant == "gather" else A.shape[0]
+                if n_slots > tp.FUSED_SHRINK_MAX_SLOTS:
+                    return (f"the {variant} variant has {n_slots} slots per row; the fused shrink holds at most "
+                            f"{tp.FUSED_SHRINK_MAX_SLOTS}")  # fmt: skip
+            return reason
+
+        def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
+            return tp.triton_pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input,
+                                         variant=self.variant, shrink=self.shrink)  # fmt: skip
+
+    pins = [{"variant": v} for v in tp.VARIANTS] + [{"shrink": s} for s in tp.SHRINKS]
     names = []
-    for offset, variant in enumerate(VARIANTS):
-
-        class PinnedVariant(TritonBackend):
-            name = f"triton-{variant}"
-            pinned_variant = variant
-
-            def refuse_reason(self, op, tensors):
-                if op != "pool_linear":
-                    return (
-                        f"pins a pool-linear variant ({self.pinned_variant}) for the bench; {op} is timed as 'triton'"
-                    )
-                return super().refuse_reason(op, tensors)
-
-            def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
-                return triton_pool_linear(
-                    x,
-                    weight,
-                    bias,
-                    A,
-                    B,
-                    idx,
-                    gates,
-                    scaling,
-                    tokens_per_sample,
-                    lora_input,
-                    variant=self.pinned_variant,
-                )
-
-        register_backend(PinnedVariant.name, VARIANT_PRIORITY + offset, PinnedVariant)
-        names.append(PinnedVariant.name)
+    for offset, pin in enumerate(pins):
+        label = pin.get("variant") or f"shrink-{pin['shrink']}"
+        backend = type(f"PinnedTriton_{label.replace('-', '_')}", (Pinned,), {"name": f"triton-{label}", **pin})
+        register_backend(backend.name, VARIANT_PRIORITY + offset, backend)
+        names.append(backend.name)
     return names, None

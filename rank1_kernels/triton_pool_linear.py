@@ -22,6 +22,7 @@ W^T and A^T; dA and dB are group outer products scattered to experts. W and bias
 Accumulation is fp32 everywhere, offsets are int64, and the forward reads no value back to the host.
 """
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -43,6 +44,52 @@ def _group_rows(pid_m, rows_per_group, BLOCK_M: tl.constexpr):
     row_in_group = (pid_m % blocks_per_group) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = group * rows_per_group + row_in_group.to(tl.int64)
     return group, rows, row_in_group < rows_per_group
+
+
+@triton.jit
+def _input_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += a @ b for tiles in the input dtype (tensor cores; fp32 inputs get true fp32 products)."""
+    if UPCAST_DOT:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _rank_dot(hidden, operand, acc, RANK_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += hidden @ operand, hidden an fp32 tile of the rank intermediate, operand a tile in the input dtype.
+
+    The fp32 product, on tensor cores where the dtype allows (an fp32 "ieee" dot runs on the CUDA cores, about 15x
+    slower than bf16 MMA: at r = 16 that alone would cost a third of the base GEMM):
+      "split3"  bf16 operand: hidden = hi + mid + lo exactly (three bf16 parts of 8 significant bits each), three
+                bf16 products, each exact in fp32, summed smallest first into the fp32 accumulator;
+      "tf32x3"  fp16 operand (exact in tf32): ~fp32 accuracy without fp16's range limits on hidden;
+      "ieee"    fp32 operand: fp32 products, like the reference."""
+    if RANK_DOT == "split3":
+        hi = hidden.to(operand.dtype)
+        rest = hidden - hi.to(tl.float32)
+        mid = rest.to(operand.dtype)
+        lo = (rest - mid.to(tl.float32)).to(operand.dtype)
+        acc = _input_dot(lo, operand, acc, "ieee", UPCAST_DOT)
+        acc = _input_dot(mid, operand, acc, "ieee", UPCAST_DOT)
+        acc = _input_dot(hi, operand, acc, "ieee", UPCAST_DOT)
+    else:
+        acc = tl.dot(hidden, operand.to(tl.float32), acc, input_precision=RANK_DOT)
+    return acc
+
+
+@triton.jit
+def _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok, scaling):
+    """(u * gates * scaling) for a (rows, slots) tile of the rank activations: each row takes its sample's gates."""
+    gate = tl.load(gate_ptr + samples[:, None] * stride_gate_sample + slots[None, :] * stride_gate_slot, mask=tile_ok,
+                   other=0.0)  # fmt: skip
+    return u * gate.to(tl.float32) * scaling
+
+
+@triton.jit
+def _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs, out_ok):
+    """The chosen experts' columns of expand (B, or A^T in the backward) as a (slots, outs) tile, input dtype."""
+    return tl.load(expand_ptr + outs[None, :] * stride_expand_out + experts[:, None] * stride_expand_expert,
+                   mask=slot_ok[:, None] & out_ok[None, :], other=0.0)  # fmt: skip
 
 
 @triton.jit
@@ -72,35 +119,44 @@ def _shrink_kernel(
             proj_ptr + experts[None, :] * stride_proj_expert + cols[:, None] * stride_proj_col,
             mask=col_ok[:, None] & slot_ok[None, :], other=0.0,
         )  # fmt: skip
-        if UPCAST_DOT:
-            rows_tile, proj_tile = rows_tile.to(tl.float32), proj_tile.to(tl.float32)
-        acc = tl.dot(rows_tile, proj_tile, acc, input_precision=DOT_PRECISION)
+        acc = _input_dot(rows_tile, proj_tile, acc, DOT_PRECISION, UPCAST_DOT)
     tl.store(out_ptr + rows[:, None] * stride_out_row + slots[None, :], acc, mask=row_ok[:, None] & slot_ok[None, :])
 
 
 @triton.jit
 def _fused_linear_kernel(
-    x_ptr, stride_x_row, stride_x_col,  # (n_rows, d_in)
-    w_ptr, stride_w_out, stride_w_in,  # (d_out, d_in)
-    bias_ptr,  # (d_out,)
-    u_ptr, stride_u_row,  # (n_rows, n_slots) fp32 ungated rank activations
+    x_ptr, stride_x_row, stride_x_col,  # (n_rows, depth): x, or dy in the backward
+    w_ptr, stride_w_out, stride_w_in,  # (n_out, depth) view: W, or W^T in the backward
+    bias_ptr,  # (n_out,)
+    u_ptr, stride_u_row,  # (n_rows, n_slots) fp32 ungated rank activations: read, or written when SHRINK
+    shrink_in_ptr, stride_shrink_in_row, stride_shrink_in_col,  # (n_rows, depth) rows to project if SHRINK_OWN_INPUT
+    proj_ptr, stride_proj_expert, stride_proj_col,  # (r, depth): A, or B^T in the backward (SHRINK only)
     gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, n_slots)
-    expand_ptr, stride_expand_out, stride_expand_expert,  # (d_out, r): B, or A^T in the backward
+    expand_ptr, stride_expand_out, stride_expand_expert,  # (n_out, r): B, or A^T in the backward
     table_ptr, stride_table_group, stride_table_slot,  # (n_groups, n_slots) int64
-    y_ptr, stride_y_row, stride_y_col,  # (n_rows, d_out)
-    rows_per_group, tokens_per_sample, d_in, d_out, n_slots, scaling,
-    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    y_ptr, stride_y_row, stride_y_col,  # (n_rows, n_out)
+    rows_per_group, tokens_per_sample, depth, n_out, n_slots, scaling, n_tiles_n,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK: tl.constexpr,
+    SHRINK_OWN_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, RANK_DOT: tl.constexpr,
 ):  # fmt: skip
-    group, rows, row_ok = _group_rows(tl.program_id(0), rows_per_group, BLOCK_M)
-    outs = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ok = outs < d_out
+    # Column tiles of one row tile are neighbours in launch order: they share the row tile's x (and A) through L2.
+    pid = tl.program_id(0)
+    group, rows, row_ok = _group_rows(pid // n_tiles_n, rows_per_group, BLOCK_M)
+    outs = (pid % n_tiles_n).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = outs < n_out
+    samples = rows // tokens_per_sample
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SHRINK:  # BLOCK_SLOTS covers every slot: u is computed in the K loop below, from the x tiles already loaded
+        slots = tl.arange(0, BLOCK_SLOTS)
+        slot_ok = slots < n_slots
+        experts = tl.load(table_ptr + group * stride_table_group + slots * stride_table_slot, mask=slot_ok, other=0)
+        u = tl.zeros((BLOCK_M, BLOCK_SLOTS), dtype=tl.float32)
     if HAS_BASE:
-        for k0 in range(0, d_in, BLOCK_K):
+        for k0 in range(0, depth, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < d_in
+            k_ok = ks < depth
             x_tile = tl.load(
                 x_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
                 mask=row_ok[:, None] & k_ok[None, :], other=0.0,
@@ -109,28 +165,41 @@ def _fused_linear_kernel(
                 w_ptr + outs[None, :] * stride_w_out + ks[:, None] * stride_w_in,
                 mask=k_ok[:, None] & out_ok[None, :], other=0.0,
             )  # fmt: skip
-            if UPCAST_DOT:
-                x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
-    if HAS_LORA:
-        samples = rows // tokens_per_sample
+            if SHRINK:
+                if SHRINK_OWN_INPUT:
+                    shrink_tile = tl.load(
+                        shrink_in_ptr + rows[:, None] * stride_shrink_in_row + ks[None, :] * stride_shrink_in_col,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                    )  # fmt: skip
+                else:
+                    shrink_tile = x_tile
+                proj_tile = tl.load(
+                    proj_ptr + experts[None, :] * stride_proj_expert + ks[:, None] * stride_proj_col,
+                    mask=k_ok[:, None] & slot_ok[None, :], other=0.0,
+                )  # fmt: skip
+                u = _input_dot(shrink_tile, proj_tile, u, DOT_PRECISION, UPCAST_DOT)
+            acc = _input_dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST_DOT)
+    if SHRINK:
+        # Every column tile computed the same u; the first one keeps it for the backward (or for dA and dgates).
+        tile_ok = row_ok[:, None] & slot_ok[None, :]
+        tl.store(u_ptr + rows[:, None] * stride_u_row + slots[None, :], u, mask=tile_ok & (pid % n_tiles_n == 0))
+        if HAS_LORA:
+            hidden = _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok, scaling)
+            expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
+                                         out_ok)  # fmt: skip
+            acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
+    elif HAS_LORA:
         for s0 in range(0, n_slots, BLOCK_SLOTS):
             slots = s0 + tl.arange(0, BLOCK_SLOTS)
             slot_ok = slots < n_slots
             experts = tl.load(table_ptr + group * stride_table_group + slots * stride_table_slot, mask=slot_ok, other=0)
             tile_ok = row_ok[:, None] & slot_ok[None, :]
             u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
-            gate = tl.load(
-                gate_ptr + samples[:, None] * stride_gate_sample + slots[None, :] * stride_gate_slot,
-                mask=tile_ok, other=0.0,
-            ).to(tl.float32)  # fmt: skip
-            hidden = u * gate * scaling
-            expand_tile = tl.load(
-                expand_ptr + outs[None, :] * stride_expand_out + experts[:, None] * stride_expand_expert,
-                mask=slot_ok[:, None] & out_ok[None, :], other=0.0,
-            ).to(tl.float32)  # fmt: skip
-            # The rank intermediate stays fp32: the expand is an fp32 product added into the base accumulator.
-            acc = tl.dot(hidden, expand_tile, acc, input_precision="ieee")
+            hidden = _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok, scaling)
+            expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
+                                         out_ok)  # fmt: skip
+            # The rank intermediate stays fp32: its product with the expand goes into the base's fp32 accumulator.
+            acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -146,7 +215,8 @@ def _group_outer_kernel(
     m_ptr, stride_m_row, stride_m_col,  # (n_rows, n_cols)
     out_ptr,  # (n_groups, n_slots, n_cols) fp32 contiguous
     rows_per_group, n_rows, tokens_per_sample, n_slots, n_cols, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr, RANK_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     group = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
@@ -169,8 +239,8 @@ def _group_outer_kernel(
         m_tile = tl.load(
             m_ptr + rows[:, None] * stride_m_row + cols[None, :] * stride_m_col,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        acc = tl.dot(u_t * gate_t * scaling, m_tile, acc, input_precision="ieee")
+        )  # fmt: skip
+        acc = _rank_dot(u_t * gate_t * scaling, m_tile, acc, RANK_DOT, UPCAST_DOT)
     out_rows = group * n_slots + slots.to(tl.int64)
     tl.store(out_ptr + out_rows[:, None] * n_cols + cols[None, :], acc, mask=slot_ok[:, None] & col_ok[None, :])
 
@@ -214,6 +284,52 @@ def _dot_config(dtype: torch.dtype) -> dict:
     return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST_DOT": upcast}
 
 
+_RANK_DOT = {torch.bfloat16: "split3", torch.float16: "tf32x3", torch.float32: "ieee"}  # see _rank_dot
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTiles:
+    """Tile edges and launch settings of the fused GEMM kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def gemm_tiles(dtype: torch.dtype, rows_per_group: int, n_out: int, depth: int) -> GemmTiles:
+    """The fused GEMM's tiles, from the dtype and shapes only. Half inputs: 128 x 128 x 64 tiles, 8 warps, 3 stages
+    (96 KiB of pipelined tiles: fits sm_80's and sm_90's shared memory; large tiles halve the operand traffic of
+    64 x 64 ones); fp32 inputs (fp32 products on CUDA cores, register-bound): 64 x 64 x 32, 4 warps. Edges shrink
+    to the shape (at least 16). Not yet tuned on a GPU: the bench's pinned variants are how to check them."""
+    if dtype == torch.float32:
+        block_m, block_n, block_k = _block(rows_per_group, 64), _block(n_out, 64), _block(depth, 32)
+    else:
+        block_m, block_n, block_k = _block(rows_per_group, 128), _block(n_out, 128), _block(depth, 64)
+    return GemmTiles(block_m, block_n, block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+
+
+SHRINKS = ("fused", "separate")
+# The fused shrink holds all slots of a row tile in registers: at most this many (the mask variant's r, or k).
+FUSED_SHRINK_MAX_SLOTS = 32
+# ... and is recomputed by every column tile: fused while that adds at most this many MMA columns per row and depth
+# unit. At an H100's ~300 bf16 FLOP per byte of HBM, 256 extra columns cost about one more read of x, which is what
+# the separate kernel pays, plus its launch and the u round trip. An estimate, not a measurement.
+FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS = 256
+
+
+def choose_shrink(n_slots: int, n_out: int, depth: int, rows_per_group: int, dtype: torch.dtype) -> str:
+    """Where the GEMM launch with n_out output columns gets its rank activations, from shapes only: "fused"
+    computes them inside the GEMM's K loop from the x tiles it loads anyway (x read once, one launch, but every
+    column tile repeats the shrink); "separate" runs the shrink kernel first."""
+    if n_slots > FUSED_SHRINK_MAX_SLOTS:
+        return "separate"
+    tiles = gemm_tiles(dtype, rows_per_group, n_out, depth)
+    recomputed = _block(n_slots, FUSED_SHRINK_MAX_SLOTS) * triton.cdiv(n_out, tiles.block_n)
+    return "fused" if recomputed <= FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS else "separate"
+
+
 class _Routing:
     """Tile groups, their expert table and per-sample gates for one variant. All tensors stay on the device."""
 
@@ -239,6 +355,12 @@ class _Routing:
         # The mask variant's single table row serves every group (stride 0), whatever rows_per_group is.
         return (0 if self.variant == "mask" else self.table.stride(0)), self.table.stride(1)
 
+    def fuse_shrink(self, shrink: str, n_out: int, depth: int, dtype: torch.dtype) -> bool:
+        """Whether a GEMM launch with n_out columns computes the rank activations itself ("auto": choose_shrink)."""
+        if shrink == "auto":
+            shrink = choose_shrink(self.n_slots, n_out, depth, self.rows_per_group, dtype)
+        return shrink == "fused" and self.n_slots <= FUSED_SHRINK_MAX_SLOTS
+
 
 def _shrink(rows: torch.Tensor, proj: torch.Tensor, routing: _Routing) -> torch.Tensor:
     """rows: (n_rows, depth), proj: (r, depth) -> fp32 (n_rows, n_slots), u[row, slot] = rows[row] . proj[expert]."""
@@ -257,33 +379,46 @@ def _shrink(rows: torch.Tensor, proj: torch.Tensor, routing: _Routing) -> torch.
 
 
 def _fused_linear(
-    x: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    u: Optional[torch.Tensor], expand: torch.Tensor, routing: _Routing, scaling: float,
-    n_rows: int, out_features: int, dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
-    """(n_rows, out_features) = x weight^T + bias + (u * gates * scaling) expand[:, table]^T; x/weight may be None
-    (no base product) and u may be None (no rank part). weight: (out_features, d_in), expand: (out_features, r)."""
-    y = torch.empty(n_rows, out_features, device=expand.device, dtype=dtype)
-    has_base, has_lora = x is not None, u is not None
-    d_in = x.shape[1] if has_base else 0
+    x: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], expand: torch.Tensor,
+    routing: _Routing, scaling: float, n_rows: int, n_out: int, dtype: torch.dtype, *,
+    u: Optional[torch.Tensor] = None, shrink_proj: Optional[torch.Tensor] = None,
+    shrink_input: Optional[torch.Tensor] = None, add_rank: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+    """y (n_rows, n_out) = x weight^T + bias + (u * gates * scaling) expand[:, table]^T, and u.
+
+    x/weight may be None (no base product). With shrink_proj (r, depth) the kernel computes u = shrink_input (x when
+    None) . shrink_proj[expert] itself, in the GEMM's K loop, and returns it (add_rank=False: u only, y without the
+    rank part); otherwise u is given (None: no rank part). weight: (n_out, depth) view, expand: (n_out, r) view."""
+    y = torch.empty(n_rows, n_out, device=expand.device, dtype=dtype)
+    has_base, shrink_here = x is not None, shrink_proj is not None
+    depth = x.shape[1] if has_base else 0
+    if shrink_here:
+        assert has_base and routing.n_slots <= FUSED_SHRINK_MAX_SLOTS, "the fused shrink runs in the base's K loop"
+        u = torch.empty(n_rows, routing.n_slots, device=expand.device, dtype=torch.float32)
     # Unused pointer arguments still need a tensor; `expand` stands in, and the constexpr flags skip every access.
     x_arg, w_arg = (x, weight) if has_base else (expand, expand)
-    u_arg = u if has_lora else expand
-    block_m = _block(routing.rows_per_group, 64)
-    block_n = _block(out_features, 64)
-    grid = (routing.n_groups * triton.cdiv(routing.rows_per_group, block_m), triton.cdiv(out_features, block_n))
-    _fused_linear_kernel[grid](
+    u_arg = u if u is not None else expand
+    shrink_in_arg = shrink_input if shrink_input is not None else expand
+    proj_arg = shrink_proj if shrink_here else expand
+    tiles = gemm_tiles(dtype, routing.rows_per_group, n_out, depth)
+    n_tiles_n = triton.cdiv(n_out, tiles.block_n)
+    n_tiles_m = routing.n_groups * triton.cdiv(routing.rows_per_group, tiles.block_m)
+    _fused_linear_kernel[(n_tiles_m * n_tiles_n,)](
         x_arg, x_arg.stride(0), x_arg.stride(1), w_arg, w_arg.stride(0), w_arg.stride(1),
-        bias if bias is not None else expand,
-        u_arg, u_arg.stride(0), routing.gates, routing.gates.stride(0), routing.gates.stride(1),
+        bias if bias is not None else expand, u_arg, u_arg.stride(0),
+        shrink_in_arg, shrink_in_arg.stride(0), shrink_in_arg.stride(1),
+        proj_arg, proj_arg.stride(0), proj_arg.stride(1),
+        routing.gates, routing.gates.stride(0), routing.gates.stride(1),
         expand, expand.stride(0), expand.stride(1), routing.table, *routing.table_strides(),
         y, y.stride(0), y.stride(1),
-        routing.rows_per_group, routing.tokens_per_sample, d_in, out_features, routing.n_slots, scaling,
-        HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block(d_in, 64), BLOCK_SLOTS=_block(routing.n_slots, 32),
-        **_dot_config(dtype),
+        routing.rows_per_group, routing.tokens_per_sample, depth, n_out, routing.n_slots, scaling, n_tiles_n,
+        HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=u is not None and add_rank, SHRINK=shrink_here,
+        SHRINK_OWN_INPUT=shrink_input is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_SLOTS=_block(routing.n_slots, FUSED_SHRINK_MAX_SLOTS), RANK_DOT=_RANK_DOT[dtype], **_dot_config(dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    return y
+    return y, (u if shrink_here else None)
 
 
 # The mask variant's rows form one group; its dA / dB sums run over row chunks (at most _MASK_MAX_CHUNKS of at least
@@ -307,7 +442,8 @@ def _expert_grad(u: torch.Tensor, m: torch.Tensor, routing: _Routing, scaling: f
     _group_outer_kernel[grid](
         u, u.stride(0), routing.gates, routing.gates.stride(0), routing.gates.stride(1), m, m.stride(0), m.stride(1),
         partial, rows_per_group, n_rows, routing.tokens_per_sample, routing.n_slots, n_cols, scaling,
-        BLOCK_M=_block(rows_per_group, 32), BLOCK_SLOTS=block_slots, BLOCK_C=block_c,
+        BLOCK_M=_block(rows_per_group, 32), BLOCK_SLOTS=block_slots, BLOCK_C=block_c, RANK_DOT=_RANK_DOT[m.dtype],
+        UPCAST_DOT=_dot_config(m.dtype)["UPCAST_DOT"],
     )  # fmt: skip
     if routing.variant == "mask":  # the slots are the experts in order: sum the row chunks
         out.copy_(partial.sum(0))
@@ -337,20 +473,23 @@ def choose_variant(n_experts: int, k: int, tokens_per_sample: int) -> str:
 def triton_pool_linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
     idx: torch.Tensor, gates: torch.Tensor, scaling: float, tokens_per_sample: int, lora_input: Optional[torch.Tensor],
-    variant: str,
+    variant: str, shrink: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Returns y (n_rows, d_out) and the ungated rank activations u (n_rows, k or r) in fp32, kept for backward."""
-    n_rows, n_experts = x.shape[0], A.shape[0]
+    (n_rows, d_in), d_out, n_experts = x.shape, weight.shape[0], A.shape[0]
     routing = _Routing(idx, gates, n_experts, n_rows, tokens_per_sample, variant)
     if n_rows == 0:
-        return x.new_empty(0, weight.shape[0]), x.new_empty(0, routing.n_slots, dtype=torch.float32)
+        return x.new_empty(0, d_out), x.new_empty(0, routing.n_slots, dtype=torch.float32)
+    if routing.fuse_shrink(shrink, d_out, d_in, x.dtype):
+        return _fused_linear(x, weight, bias, B, routing, scaling, n_rows, d_out, x.dtype, shrink_proj=A,
+                             shrink_input=lora_input)  # fmt: skip
     u = _shrink(x if lora_input is None else lora_input, A, routing)
-    y = _fused_linear(x, weight, bias, u, B, routing, scaling, n_rows, weight.shape[0], x.dtype)
+    y, _ = _fused_linear(x, weight, bias, B, routing, scaling, n_rows, d_out, x.dtype, u=u)
     return y, u
 
 
 @triton_pool_linear_fwd.register_fake
-def _(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant):
+def _(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant, shrink):
     n_slots = idx.shape[1] if variant == "gather" else A.shape[0]
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], n_slots, dtype=torch.float32)
 
@@ -359,12 +498,11 @@ def _(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input,
 def triton_pool_linear_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
     gates: torch.Tensor, scaling: float, tokens_per_sample: int, lora_input: Optional[torch.Tensor], u: torch.Tensor,
-    variant: str, need_x: bool, need_lora_input: bool, need_A: bool, need_B: bool, need_gates: bool,
+    variant: str, shrink: str, need_x: bool, need_lora_input: bool, need_A: bool, need_B: bool, need_gates: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients (dx, dlora_input, dA, dB, dgates); each one not asked for is an empty tensor. With lora_input None
     the rank path's input gradient is part of dx."""
-    n_rows, d_in = x.shape
-    n_experts = A.shape[0]
+    (n_rows, d_in), d_out, n_experts = x.shape, weight.shape[0], A.shape[0]
     routing = _Routing(idx, gates, n_experts, n_rows, tokens_per_sample, variant)
     # A registered op's outputs may not alias each other: one placeholder (or zero result) each.
     grad_x, grad_lora_input, grad_A, grad_B, grad_gates = (
@@ -374,16 +512,20 @@ def triton_pool_linear_bwd(
     if n_rows == 0:
         return grad_x, grad_lora_input, grad_A, grad_B, grad_gates
     rank_input_grad_in_dx = lora_input is None and need_x
-    grad_u = None
-    if rank_input_grad_in_dx or need_lora_input or need_A or need_gates:
-        grad_u = _shrink(grad_y, B.t(), routing)  # (dy B_S): fp32 (n_rows, n_slots), ungated
-    if need_x:
-        grad_x = _fused_linear(
-            grad_y, weight.t(), None, grad_u if rank_input_grad_in_dx else None, A.t(), routing, scaling,
-            n_rows, d_in, x.dtype,
-        )  # fmt: skip
+    need_grad_u = rank_input_grad_in_dx or need_lora_input or need_A or need_gates
+    grad_u = None  # (dy B_S): fp32 (n_rows, n_slots), ungated
+    if need_x and need_grad_u and routing.fuse_shrink(shrink, d_in, d_out, x.dtype):
+        # dx's GEMM runs over dy's columns, the depth of dy B_S too: one launch computes both.
+        grad_x, grad_u = _fused_linear(grad_y, weight.t(), None, A.t(), routing, scaling, n_rows, d_in, x.dtype,
+                                       shrink_proj=B.t(), add_rank=rank_input_grad_in_dx)  # fmt: skip
+    else:
+        if need_grad_u:
+            grad_u = _shrink(grad_y, B.t(), routing)
+        if need_x:
+            grad_x, _ = _fused_linear(grad_y, weight.t(), None, A.t(), routing, scaling, n_rows, d_in, x.dtype,
+                                      u=grad_u if rank_input_grad_in_dx else None)  # fmt: skip
     if need_lora_input:
-        grad_lora_input = _fused_linear(None, None, None, grad_u, A.t(), routing, scaling, n_rows, d_in, x.dtype)
+        grad_lora_input, _ = _fused_linear(None, None, None, A.t(), routing, scaling, n_rows, d_in, x.dtype, u=grad_u)
     if need_A:
         _expert_grad(grad_u, x if lora_input is None else lora_input, routing, scaling, n_experts, grad_A)
     if need_B:
@@ -397,7 +539,7 @@ def triton_pool_linear_bwd(
 
 
 @triton_pool_linear_bwd.register_fake
-def _(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_sample, lora_input, u, variant, need_x,
+def _(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_sample, lora_input, u, variant, shrink, need_x,
       need_lora_input, need_A, need_B, need_gates):  # fmt: skip
     def maybe(flag, like):
         return torch.empty_like(like) if flag else x.new_empty(0)
@@ -406,9 +548,9 @@ def _(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_sample, lora_inpu
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant = inputs
+    x, weight, _, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant, shrink = inputs
     ctx.save_for_backward(x, weight, A, B, idx, gates, lora_input, output[1])
-    ctx.scaling, ctx.tokens_per_sample, ctx.variant = scaling, tokens_per_sample, variant
+    ctx.scaling, ctx.tokens_per_sample, ctx.variant, ctx.shrink = scaling, tokens_per_sample, variant, shrink
     ctx.has_lora_input = lora_input is not None
 
 
@@ -419,12 +561,12 @@ def _backward(ctx, grad_y, grad_u):
         raise RuntimeError(frozen_base_message("Triton"))
     grads = torch.ops.rank1.triton_pool_linear_bwd(
         grad_y, x, weight, A, B, idx, gates, ctx.scaling, ctx.tokens_per_sample, lora_input, u, ctx.variant,
-        needs[0], ctx.has_lora_input and needs[9], needs[3], needs[4], needs[6],
+        ctx.shrink, needs[0], ctx.has_lora_input and needs[9], needs[3], needs[4], needs[6],
     )  # fmt: skip
     grad_x, grad_lora_input, grad_A, grad_B, grad_gates = (
         grad if need else None for grad, need in zip(grads, (needs[0], needs[9], needs[3], needs[4], needs[6]))
     )
-    return grad_x, None, None, grad_A, grad_B, None, grad_gates, None, None, grad_lora_input, None
+    return grad_x, None, None, grad_A, grad_B, None, grad_gates, None, None, grad_lora_input, None, None
 
 
 triton_pool_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -436,17 +578,21 @@ triton_pool_linear_fwd.register_autograd(_backward, setup_context=_setup_context
 def triton_pool_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
     idx: torch.Tensor, gates: torch.Tensor, scaling: float, tokens_per_sample: int,
-    lora_input: Optional[torch.Tensor] = None, variant: str = "auto",
+    lora_input: Optional[torch.Tensor] = None, variant: str = "auto", shrink: str = "auto",
 ) -> torch.Tensor:  # fmt: skip
     """The pool linear through the Triton kernels; arguments as `rank1_pool_linear_ref` (inputs are assumed
-    validated by `check_pool_linear_inputs`). variant: "auto" (`choose_variant`), "gather" or "mask".
-    Returns y (n_rows, d_out) with autograd to x, A, B, gates and lora_input."""
+    validated by `check_pool_linear_inputs`). variant: "auto" (`choose_variant`), "gather" or "mask". shrink:
+    "auto" (`choose_shrink`, per GEMM launch), "fused" (inside the GEMM's K loop wherever the slots fit, at most
+    FUSED_SHRINK_MAX_SLOTS) or "separate" (its own kernel). Returns y (n_rows, d_out) with autograd to x, A, B,
+    gates and lora_input."""
     if variant == "auto":
         variant = choose_variant(A.shape[0], idx.shape[1], tokens_per_sample)
     elif variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; expected 'auto', 'gather' or 'mask'")
+    if shrink not in ("auto", *SHRINKS):
+        raise ValueError(f"shrink={shrink!r} is not supported; expected 'auto', 'fused' or 'separate'")
     y, _ = torch.ops.rank1.triton_pool_linear_fwd(
-        x, weight, bias, A, B, idx, gates, float(scaling), tokens_per_sample, lora_input, variant
+        x, weight, bias, A, B, idx, gates, float(scaling), tokens_per_sample, lora_input, variant, shrink
     )
     return y
 

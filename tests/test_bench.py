@@ -307,11 +307,32 @@ def test_cli_times_a_fast_backend_forced_on_cpu(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    for method in ("pool[triton]", "pool[triton-gather]", "pool[triton-mask]"):
+    pinned = ("triton-gather", "triton-mask", "triton-shrink-fused", "triton-shrink-separate")
+    for method in ("pool[triton]", *(f"pool[{name}]" for name in pinned)):
         timed = [row for row in rows if row["method"] == method]
         assert timed and all(row["status"] == "ok" and float(row["median_ms"]) > 0 for row in timed), [
             (row["status"], row["reason"]) for row in timed
         ]
+
+
+def test_pinned_fused_shrink_refuses_a_pool_too_wide_for_it():
+    """Timed as "fused", a pool whose slots do not fit the fused shrink would silently run the separate one."""
+    pytest.importorskip("triton")
+    from bench.variants import register_triton_variants
+    from rank1_kernels import resolve_backend
+
+    names, unavailable = register_triton_variants()
+    assert unavailable is None and "triton-shrink-fused" in names
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def tensors(r, k):
+        x, weight, A, B = (torch.randn(*shape, device=device) for shape in ((2 * 20, 8), (6, 8), (r, 8), (6, r)))
+        return [x, weight, A, B, torch.zeros(2, k, dtype=torch.int64, device=device), torch.ones(2, k, device=device)]
+
+    assert resolve_backend("triton-shrink-fused", "pool_linear", tensors(12, 8)).name == "triton-shrink-fused"
+    with pytest.raises(RuntimeError, match="mask variant has 40 slots per row; the fused shrink holds at most 32"):
+        resolve_backend("triton-shrink-fused", "pool_linear", tensors(40, 30))
+    assert resolve_backend("triton-shrink-separate", "pool_linear", tensors(40, 30)).name == "triton-shrink-separate"
 
 
 def test_cli_time_budget_skips_groups_but_still_writes_results(tmp_path):

@@ -13,11 +13,21 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
 from _tolerance import assert_close_by_rule
 
 from rank1_kernels import FusedRank1PoolLinear, rank1_pool_linear, rank1_pool_linear_ref, resolve_backend
 from rank1_kernels import triton_pool_linear as triton_pool_linear_module
-from rank1_kernels.triton_pool_linear import choose_variant, is_interpreted, triton_pool_linear
+from rank1_kernels.triton_pool_linear import (
+    SHRINKS,
+    VARIANTS,
+    _rank_dot,
+    choose_shrink,
+    choose_variant,
+    is_interpreted,
+    triton_pool_linear,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GRAD_NAMES = ("x", "A", "B", "gates", "lora_input")
@@ -55,9 +65,9 @@ def _run(fn, inputs, dtype, grad_y, scaling, tokens):
     return y, [next(grads) if t is not None else None for t in trainable]
 
 
-def _check_against_reference(inputs, dtype, scaling, tokens, variant, what):
+def _check_against_reference(inputs, dtype, scaling, tokens, variant, what, shrink="auto"):
     def triton_fn(*args):
-        return triton_pool_linear(*args, variant=variant)
+        return triton_pool_linear(*args, variant=variant, shrink=shrink)
 
     grad_y = torch.randn(inputs["x"].shape[0], inputs["weight"].shape[0], dtype=torch.float64,
                          generator=torch.Generator().manual_seed(7)).to(inputs["x"].device)  # fmt: skip
@@ -87,17 +97,19 @@ def _shape_id(shape):
     return "x".join(map(str, shape[:6])) + ("-bias" if shape[6] else "") + ("-lora_input" if shape[7] else "")
 
 
-@pytest.mark.parametrize("variant", ["gather", "mask"])
+@pytest.mark.parametrize("shrink", SHRINKS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_shape_id)
-def test_forward_and_gradients_match_reference(shape, dtype, variant):
+def test_forward_and_gradients_match_reference(shape, dtype, variant, shrink):
     n_samples, tokens, d_in, d_out, r, k, with_bias, with_lora_input = shape
     inputs = _inputs(n_samples, tokens, d_in, d_out, r, k, with_bias, with_lora_input, _device())
-    _check_against_reference(inputs, dtype, 0.3, tokens, variant, f"{variant} {dtype} {shape}")
+    _check_against_reference(inputs, dtype, 0.3, tokens, variant, f"{variant} {shrink} {dtype} {shape}", shrink)
 
 
-@pytest.mark.parametrize("variant", ["gather", "mask"])
-def test_non_contiguous_inputs(variant):
+@pytest.mark.parametrize("shrink", SHRINKS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_non_contiguous_inputs(variant, shrink):
     """Every tensor a strided view: the kernels take strides, never assume a layout."""
     inputs = _inputs(3, 5, 11, 13, 6, 2, True, True, _device(), seed=3)
 
@@ -109,7 +121,7 @@ def test_non_contiguous_inputs(variant):
     for name in ("weight", "B"):  # column-major
         inputs[name] = inputs[name].t().contiguous().t()
     assert not any(inputs[n].is_contiguous() for n in ("x", "weight", "A", "B", "idx", "gates", "lora_input"))
-    _check_against_reference(inputs, torch.float32, 0.5, 5, variant, f"{variant} non-contiguous")
+    _check_against_reference(inputs, torch.float32, 0.5, 5, variant, f"{variant} {shrink} non-contiguous", shrink)
 
 
 @pytest.mark.parametrize("variant", ["gather", "mask"])
@@ -128,6 +140,35 @@ def test_variants_agree_with_shared_experts_and_are_deterministic(variant):
 
     for first, second in zip(grads_once(), grads_once()):
         assert torch.equal(first, second)
+
+
+@triton.jit
+def _rank_dot_probe(hidden_ptr, operand_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                    RANK_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):  # fmt: skip
+    m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    hidden = tl.load(hidden_ptr + m[:, None] * K + k[None, :])
+    operand = tl.load(operand_ptr + k[:, None] * N + n[None, :])
+    out = _rank_dot(hidden, operand, tl.zeros((M, N), dtype=tl.float32), RANK_DOT, UPCAST_DOT)
+    tl.store(out_ptr + m[:, None] * N + n[None, :], out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rank_products_keep_the_fp32_intermediate(dtype):
+    """The expand and dA/dB multiply the fp32 rank intermediate by input-dtype tiles on tensor cores (bf16: three
+    exact bf16 parts; fp16: tf32x3): the product must be as accurate as an fp32 matmul, over a wide exponent range.
+    A bf16 output could not show this, so the helper is checked on its own (dropping the smallest part fails)."""
+    g = torch.Generator().manual_seed(21)
+    scale = 2.0 ** torch.randint(-30, 30, (32, 1), generator=g).double()  # per-row magnitudes from 1e-9 to 1e9
+    hidden = (torch.randn(32, 16, generator=g, dtype=torch.float64) * scale).float().to(_device())
+    operand = torch.randn(16, 32, generator=g, dtype=torch.float64).to(dtype).to(_device())
+    out = torch.empty(32, 32, device=_device())
+    config = triton_pool_linear_module._dot_config(dtype)
+    _rank_dot_probe[(1,)](hidden, operand, out, 32, 16, 32, RANK_DOT=triton_pool_linear_module._RANK_DOT[dtype],
+                          UPCAST_DOT=config["UPCAST_DOT"])  # fmt: skip
+    oracle = hidden.double() @ operand.double()
+    reference = hidden @ operand.float()
+    for row in range(32):  # the rule per row: each has its own scale
+        assert_close_by_rule(out[row], reference[row], oracle[row], f"{dtype} rank product, row {row}")
 
 
 def test_mask_variant_row_chunks(monkeypatch):
@@ -158,6 +199,12 @@ def test_dispatcher_picks_by_pool_size_and_sample_length():
     assert choose_variant(256, 4, 197) == "gather"  # a large pool, few experts per sample
     assert choose_variant(256, 200, 197) == "mask"  # most experts chosen anyway
     assert choose_variant(256, 4, 1) == "mask"  # one token per sample cannot fill a sample-aligned tile
+    vit_rows, bf16 = 32 * 197, torch.bfloat16
+    assert choose_shrink(12, 768, 768, vit_rows, bf16) == "fused"  # 6 column tiles repeat a 16-wide shrink
+    assert choose_shrink(12, 768, 3072, vit_rows, bf16) == "fused"  # mlp.c_proj, and every backward to 768
+    assert choose_shrink(12, 3072, 768, vit_rows, bf16) == "separate"  # 24 column tiles: cheaper to read x again
+    assert choose_shrink(8, 2304, 768, 197, bf16) == "separate"  # gather: k slots, 18 column tiles
+    assert choose_shrink(40, 768, 768, vit_rows, bf16) == "separate"  # more slots than the registers hold
     with pytest.raises(ValueError, match="variant='dense' is not supported"):
         inputs = _inputs(1, 1, 2, 2, 2, 1, False, False, _device())
         triton_pool_linear(*(inputs[n] for n in ("x", "weight", "bias", "A", "B", "idx", "gates")), 1.0, 1,
@@ -206,66 +253,33 @@ def test_fresh_process_compiles_auto_and_refuses_cpu_without_interpreter():
     assert "TRITON_INTERPRET=1" in result.stdout and "backend='reference'" in result.stdout, result.stdout
 
 
-# Compiles every kernel ahead of time for sm_80 and sm_90 GPUs (mma and wgmma paths) in a process without the
-# interpreter: Triton's GPU compiler checks what the interpreter does not (tl.dot operand shapes and dtypes, loop
-# bounds, shared memory), no GPU needed.
-_AOT_SCRIPT = """
-import itertools
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from rank1_kernels import triton_ago as ta, triton_pool_linear as tp
-
-def compile_for_gpu(kernel, pointers, constants):
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scaling" else "i32")
-                 for name in kernel.arg_names}
-    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", arch, 32))
-
-for arch, (dtype, precision) in itertools.product((80, 90), (("bf16", "tf32"), ("fp32", "ieee"))):
-    t = "*" + dtype
-    dot = {"DOT_PRECISION": precision, "UPCAST_DOT": False}
-    compile_for_gpu(tp._shrink_kernel, {"in_ptr": t, "proj_ptr": t, "table_ptr": "*i64", "out_ptr": "*fp32"},
-                    {"BLOCK_M": 64, "BLOCK_SLOTS": 16, "BLOCK_D": 64, **dot})
-    compile_for_gpu(tp._fused_linear_kernel, {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "u_ptr": "*fp32", "gate_ptr": t,
-                    "expand_ptr": t, "table_ptr": "*i64", "y_ptr": t}, {"HAS_BASE": True, "HAS_BIAS": True,
-                    "HAS_LORA": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_SLOTS": 32, **dot})
-    compile_for_gpu(tp._group_outer_kernel, {"u_ptr": "*fp32", "gate_ptr": t, "m_ptr": t, "out_ptr": "*fp32"},
-                    {"BLOCK_M": 32, "BLOCK_SLOTS": 16, "BLOCK_C": 64})
-    compile_for_gpu(tp._scatter_slots_kernel, {"partial_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": t},
-                    {"BLOCK_P": 16, "BLOCK_C": 64})
-    masks = {"cur_mask_ptr": "*fp32", "prev_mask_ptr": "*fp32", "table_ptr": "*i64"}
-    compile_for_gpu(ta._ago_gram_kernel, {"cur_ptr": t, "prev_ptr": t, "loss_ptr": "*fp32", "dphi_ptr": "*fp32",
-                    **masks}, {"P": 1, "BLOCK_R": 16, "BLOCK_M": 32, "BLOCK_D": 64})
-    compile_for_gpu(ta._ago_grad_kernel, {"grad_loss_ptr": "*fp32", "own_ptr": t, "other_ptr": t, "own_mask_ptr":
-                    "*fp32", "other_mask_ptr": "*fp32", "table_ptr": "*i64", "dphi_ptr": "*fp32", "out_ptr": t},
-                    {"OWN_IS_CUR": True, "BLOCK_D": 64, "BLOCK_A": 16, "BLOCK_B": 32})
-print("compiled")
-"""
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
 def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    """tests/triton_aot.py: every kernel compiled for sm_80 and sm_90, and the fused GEMM's resources checked there
+    (no register spills, a pipelined K loop, half-precision rank products on tensor cores)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+    script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600,
                             check=False)  # fmt: skip
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("variant", ["gather", "mask"])
-def test_opcheck(variant):
+@pytest.mark.parametrize("shrink", SHRINKS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_opcheck(variant, shrink):
     inputs = _inputs(2, 3, 5, 7, 4, 2, True, True, _device(), seed=9)
     f = {n: (t.float() if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
     for name in ("x", "A", "B", "gates", "lora_input"):
         f[name].requires_grad_()
     forward_args = (f["x"], f["weight"], f["bias"], f["A"], f["B"], f["idx"], f["gates"], 0.5, 3, f["lora_input"],
-                    variant)  # fmt: skip
+                    variant, shrink)  # fmt: skip
     torch.library.opcheck(torch.ops.rank1.triton_pool_linear_fwd.default, forward_args)
     with torch.no_grad():
         _, u = torch.ops.rank1.triton_pool_linear_fwd(*forward_args)
     grad_y = torch.randn(6, 7, device=u.device)
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args]
     backward_args = (grad_y, detached[0], detached[1], detached[3], detached[4], detached[5], detached[6], 0.5, 3,
-                     detached[9], u, variant, True, True, True, True, True)  # fmt: skip
+                     detached[9], u, variant, shrink, True, True, True, True, True)  # fmt: skip
     torch.library.opcheck(torch.ops.rank1.triton_pool_linear_bwd.default, backward_args)
 
 
