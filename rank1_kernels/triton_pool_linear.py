@@ -4,21 +4,25 @@
 
 with s = row // tokens_per_sample (the reference is `rank1_kernels.pool_linear.rank1_pool_linear_ref`).
 
-Two variants compute it, both in the same three kernels:
-    "gather"  row tiles never cross a sample, so each tile reads only its sample's k rows of A and k columns of B.
+Two variants compute it, both in the same kernels:
+    "gather"  each sample's rows read only its k rows of A and k columns of B (a row tile of the GEMM may hold
+              several samples, each adding its own experts' expand; shrink and dA/dB tiles stay in one sample).
     "mask"    shrink-all + mask: all r experts are projected, a dense (n_samples, r) gate matrix that is zero outside
               the chosen experts masks them. Tiles may span samples; better when r is small or samples are short.
 A tile-row "group" is a sample (gather) or the whole batch (mask); `table[group, slot]` names the expert of each slot.
 
 Kernels:
-    _shrink_kernel        u[row, slot] = in[row] . proj[table[group, slot]]             (rank intermediate, fp32)
     _fused_linear_kernel  y = x W^T + bias + (u * gate * scaling) @ expand[:, table]^T  (expand folded into the
-                          base GEMM's fp32 accumulator, so y is written once)
+                          base GEMM's fp32 accumulator, so y is written once); with SHRINK it also computes u in its
+                          K loop from the x tiles it loads (x read once), else u comes from:
+    _shrink_kernel        u[row, slot] = in[row] . proj[table[group, slot]]             (rank intermediate, fp32)
     _group_outer_kernel   out[group, slot, :] = sum_rows_of_group (u * gate * scaling)[row, slot] * m[row, :]
     _scatter_slots_kernel out[e, :] = sum over slots p with table[p] == e of partial[p, :]  (fixed order: deterministic)
+`choose_shrink` places the shrink per GEMM launch; with it separate, gather tiles of the GEMM run across samples.
 
 Backward reuses them: dy B_S is a shrink with proj = B^T; dx = dy W + ((dy B_S) * g * s) A_S is the fused kernel with
 W^T and A^T; dA and dB are group outer products scattered to experts. W and bias stay frozen (no dW, no dbias).
+The rank products (expand, dA, dB) run on tensor cores without rounding the fp32 intermediate (`_rank_dot`).
 Accumulation is fp32 everywhere, offsets are int64, and the forward reads no value back to the host.
 """
 
@@ -137,7 +141,7 @@ def _fused_linear_kernel(
     y_ptr, stride_y_row, stride_y_col,  # (n_rows, n_out)
     rows_per_group, tokens_per_sample, depth, n_out, n_slots, scaling, n_tiles_n,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK: tl.constexpr,
-    SHRINK_OWN_INPUT: tl.constexpr,
+    SHRINK_OWN_INPUT: tl.constexpr, SPAN_SAMPLES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, RANK_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -188,6 +192,25 @@ def _fused_linear_kernel(
             expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
                                          out_ok)  # fmt: skip
             acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
+    elif HAS_LORA and SPAN_SAMPLES:
+        # Gather tiles that span samples (one group of all rows, the table per sample): each sample in the tile adds
+        # its own experts' expand for its own rows, so the base GEMM pads no row to a sample boundary.
+        first_row = (pid // n_tiles_n).to(tl.int64) * BLOCK_M
+        last_row = tl.minimum(first_row + BLOCK_M, rows_per_group) - 1
+        for sample in range(first_row // tokens_per_sample, last_row // tokens_per_sample + 1):
+            in_sample = row_ok & (samples == sample)
+            for s0 in range(0, n_slots, BLOCK_SLOTS):
+                slots = s0 + tl.arange(0, BLOCK_SLOTS)
+                slot_ok = slots < n_slots
+                experts = tl.load(table_ptr + sample * stride_table_group + slots * stride_table_slot, mask=slot_ok,
+                                  other=0)  # fmt: skip
+                tile_ok = in_sample[:, None] & slot_ok[None, :]
+                u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
+                hidden = _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok,
+                                    scaling)  # fmt: skip
+                expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok,
+                                             outs, out_ok)  # fmt: skip
+                acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
     elif HAS_LORA:
         for s0 in range(0, n_slots, BLOCK_SLOTS):
             slots = s0 + tl.arange(0, BLOCK_SLOTS)
@@ -319,15 +342,23 @@ FUSED_SHRINK_MAX_SLOTS = 32
 FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS = 256
 
 
-def choose_shrink(n_slots: int, n_out: int, depth: int, rows_per_group: int, dtype: torch.dtype) -> str:
+def choose_shrink(n_slots: int, n_out: int, depth: int, group_rows: int, n_rows: int, dtype: torch.dtype) -> str:
     """Where the GEMM launch with n_out output columns gets its rank activations, from shapes only: "fused"
     computes them inside the GEMM's K loop from the x tiles it loads anyway (x read once, one launch, but every
-    column tile repeats the shrink); "separate" runs the shrink kernel first."""
+    column tile repeats the shrink); "separate" runs the shrink kernel first.
+
+    The fused shrink's row tiles hold one group's slots, so they stop at group boundaries (a sample, in the gather
+    variant; group_rows rows): the rows they pad count against it, as n_out columns each. The separate path's
+    GEMM tiles run across samples and pad only the last one."""
     if n_slots > FUSED_SHRINK_MAX_SLOTS:
         return "separate"
-    tiles = gemm_tiles(dtype, rows_per_group, n_out, depth)
+    tiles = gemm_tiles(dtype, group_rows, n_out, depth)
     recomputed = _block(n_slots, FUSED_SHRINK_MAX_SLOTS) * triton.cdiv(n_out, tiles.block_n)
-    return "fused" if recomputed <= FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS else "separate"
+    spanning = gemm_tiles(dtype, n_rows, n_out, depth).block_m
+    aligned_rows = triton.cdiv(n_rows, group_rows) * triton.cdiv(group_rows, tiles.block_m) * tiles.block_m
+    padding = (aligned_rows - triton.cdiv(n_rows, spanning) * spanning) / max(n_rows, 1)
+    extra_columns = recomputed + max(padding, 0.0) * n_out
+    return "fused" if extra_columns <= FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS else "separate"
 
 
 class _Routing:
@@ -348,7 +379,7 @@ class _Routing:
             self.rows_per_group, self.n_groups, self.n_slots = n_rows, 1, n_experts
         else:
             raise ValueError(f"variant={variant!r} is not supported; expected one of {', '.join(map(repr, VARIANTS))}")
-        self.tokens_per_sample = tokens_per_sample
+        self.tokens_per_sample, self.n_rows = tokens_per_sample, n_rows
         self.variant = variant
 
     def table_strides(self) -> tuple[int, int]:
@@ -358,7 +389,7 @@ class _Routing:
     def fuse_shrink(self, shrink: str, n_out: int, depth: int, dtype: torch.dtype) -> bool:
         """Whether a GEMM launch with n_out columns computes the rank activations itself ("auto": choose_shrink)."""
         if shrink == "auto":
-            shrink = choose_shrink(self.n_slots, n_out, depth, self.rows_per_group, dtype)
+            shrink = choose_shrink(self.n_slots, n_out, depth, self.rows_per_group, self.n_rows, dtype)
         return shrink == "fused" and self.n_slots <= FUSED_SHRINK_MAX_SLOTS
 
 
@@ -400,9 +431,12 @@ def _fused_linear(
     u_arg = u if u is not None else expand
     shrink_in_arg = shrink_input if shrink_input is not None else expand
     proj_arg = shrink_proj if shrink_here else expand
-    tiles = gemm_tiles(dtype, routing.rows_per_group, n_out, depth)
+    # The in-loop shrink needs one group's slots per row tile; otherwise gather tiles run across samples.
+    span_samples = routing.variant == "gather" and not shrink_here
+    rows_per_group, n_groups = (n_rows, 1) if span_samples else (routing.rows_per_group, routing.n_groups)
+    tiles = gemm_tiles(dtype, rows_per_group, n_out, depth)
     n_tiles_n = triton.cdiv(n_out, tiles.block_n)
-    n_tiles_m = routing.n_groups * triton.cdiv(routing.rows_per_group, tiles.block_m)
+    n_tiles_m = n_groups * triton.cdiv(rows_per_group, tiles.block_m)
     _fused_linear_kernel[(n_tiles_m * n_tiles_n,)](
         x_arg, x_arg.stride(0), x_arg.stride(1), w_arg, w_arg.stride(0), w_arg.stride(1),
         bias if bias is not None else expand, u_arg, u_arg.stride(0),
@@ -411,9 +445,9 @@ def _fused_linear(
         routing.gates, routing.gates.stride(0), routing.gates.stride(1),
         expand, expand.stride(0), expand.stride(1), routing.table, *routing.table_strides(),
         y, y.stride(0), y.stride(1),
-        routing.rows_per_group, routing.tokens_per_sample, depth, n_out, routing.n_slots, scaling, n_tiles_n,
+        rows_per_group, routing.tokens_per_sample, depth, n_out, routing.n_slots, scaling, n_tiles_n,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=u is not None and add_rank, SHRINK=shrink_here,
-        SHRINK_OWN_INPUT=shrink_input is not None,
+        SHRINK_OWN_INPUT=shrink_input is not None, SPAN_SAMPLES=span_samples,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_SLOTS=_block(routing.n_slots, FUSED_SHRINK_MAX_SLOTS), RANK_DOT=_RANK_DOT[dtype], **_dot_config(dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -171,6 +171,17 @@ def test_rank_products_keep_the_fp32_intermediate(dtype):
         assert_close_by_rule(out[row], reference[row], oracle[row], f"{dtype} rank product, row {row}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gather_tiles_across_samples(dtype):
+    """With the shrink separate, the gather variant's GEMM tiles run across samples (no row padded to a sample
+    boundary): tiles holding parts of two or more samples, boundaries inside a sample, a short last tile. 29-token
+    samples against 64-row tiles (fp32) or one 256-row tile holding all 5 samples (bf16); fused, tiles align."""
+    inputs = _inputs(5, 29, 8, 9, 40, 3, True, False, _device(), seed=17)
+    assert choose_variant(40, 3, 29) == "gather"
+    for shrink in SHRINKS:
+        _check_against_reference(inputs, dtype, 0.5, 29, "gather", f"gather {shrink} {dtype} across samples", shrink)
+
+
 def test_mask_variant_row_chunks(monkeypatch):
     """The mask variant sums dA and dB over row chunks; small chunks make these shapes cross chunk boundaries, with
     a short last chunk and chunks that split samples."""
@@ -199,12 +210,15 @@ def test_dispatcher_picks_by_pool_size_and_sample_length():
     assert choose_variant(256, 4, 197) == "gather"  # a large pool, few experts per sample
     assert choose_variant(256, 200, 197) == "mask"  # most experts chosen anyway
     assert choose_variant(256, 4, 1) == "mask"  # one token per sample cannot fill a sample-aligned tile
-    vit_rows, bf16 = 32 * 197, torch.bfloat16
-    assert choose_shrink(12, 768, 768, vit_rows, bf16) == "fused"  # 6 column tiles repeat a 16-wide shrink
-    assert choose_shrink(12, 768, 3072, vit_rows, bf16) == "fused"  # mlp.c_proj, and every backward to 768
-    assert choose_shrink(12, 3072, 768, vit_rows, bf16) == "separate"  # 24 column tiles: cheaper to read x again
-    assert choose_shrink(8, 2304, 768, 197, bf16) == "separate"  # gather: k slots, 18 column tiles
-    assert choose_shrink(40, 768, 768, vit_rows, bf16) == "separate"  # more slots than the registers hold
+    rows, bf16 = 32 * 197, torch.bfloat16
+    # The mask variant (one group of all rows): the cost is the shrink each column tile repeats.
+    assert choose_shrink(12, 768, 768, rows, rows, bf16) == "fused"  # 6 column tiles repeat a 16-wide shrink
+    assert choose_shrink(12, 768, 3072, rows, rows, bf16) == "fused"  # mlp.c_proj, and every backward to 768
+    assert choose_shrink(12, 3072, 768, rows, rows, bf16) == "separate"  # 24 column tiles: cheaper to read x again
+    assert choose_shrink(40, 768, 768, rows, rows, bf16) == "separate"  # more slots than the registers hold
+    # The gather variant: fused tiles stop at sample boundaries, 197 tokens pad to 256 rows.
+    assert choose_shrink(8, 768, 768, 197, rows, bf16) == "separate"
+    assert choose_shrink(8, 768, 768, 256, 32 * 256, bf16) == "fused"  # samples a whole number of tiles
     with pytest.raises(ValueError, match="variant='dense' is not supported"):
         inputs = _inputs(1, 1, 2, 2, 2, 1, False, False, _device())
         triton_pool_linear(*(inputs[n] for n in ("x", "weight", "bias", "A", "B", "idx", "gates")), 1.0, 1,
@@ -326,6 +340,21 @@ def test_torch_compile_fullgraph_on_cpu_interpreter():
 def test_vit_b16_shapes_on_gpu(r, k, d_out, dtype, variant):
     inputs = _inputs(32, 197, 768, d_out, r, k, True, True, torch.device("cuda"), seed=r + k)
     _check_against_reference(inputs, dtype, 1.0 / r, 197, variant, f"ViT {variant} {dtype} d_out={d_out} r={r} k={k}")
+
+
+# Each placement forced where it exists (a 64-expert mask has more slots than the fused shrink holds).
+_PLACEMENTS = [(r, k, variant, shrink) for r, k in ((12, 8), (64, 8)) for variant in VARIANTS for shrink in SHRINKS
+               if not (variant == "mask" and shrink == "fused" and r > 32)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("r,k,variant,shrink", _PLACEMENTS)
+def test_vit_b16_both_shrink_placements_on_gpu(r, k, variant, shrink, dtype):
+    """"auto" picks one placement per shape above; here each is forced (gather + fused aligns tiles to samples)."""
+    inputs = _inputs(32, 197, 768, 768, r, k, True, False, torch.device("cuda"), seed=r * k)
+    _check_against_reference(inputs, dtype, 1.0 / r, 197, variant, f"ViT {variant} {shrink} {dtype} r={r} k={k}",
+                             shrink)  # fmt: skip
 
 
 @pytest.mark.gpu

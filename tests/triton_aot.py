@@ -53,9 +53,11 @@ def fused_linear_pointers(t: str) -> dict:
             "gate_ptr": t, "expand_ptr": t, "table_ptr": "*i64", "y_ptr": t}  # fmt: skip
 
 
-def fused_linear_flags(shrink: bool, own_input: bool, dtype: str, tiles, block_slots: int = 32) -> dict:
+def fused_linear_flags(shrink: bool, own_input: bool, dtype: str, tiles, block_slots: int = 32,
+                       span: bool = False) -> dict:  # fmt: skip
     return {"HAS_BASE": True, "HAS_BIAS": True, "HAS_LORA": True, "SHRINK": shrink, "SHRINK_OWN_INPUT": own_input,
-            "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "BLOCK_SLOTS": block_slots,
+            "SPAN_SAMPLES": span, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
+            "BLOCK_SLOTS": block_slots,
             "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]], "DOT_PRECISION": DOT_PRECISION[dtype],
             "UPCAST_DOT": False}  # fmt: skip
 
@@ -68,9 +70,10 @@ def compile_all(arch: int) -> None:
         compile_for_gpu(tp._shrink_kernel, arch, {"in_ptr": t, "proj_ptr": t, "table_ptr": "*i64", "out_ptr": "*fp32"},
                         {"BLOCK_M": 64, "BLOCK_SLOTS": 16, "BLOCK_D": 64, **dot})  # fmt: skip
         tiles = tp.gemm_tiles(DTYPES[dtype], 4096, 4096, 4096)
-        for shrink, own_input in ((False, False), (True, False), (True, True)):
+        for shrink, own_input, span in ((False, False, False), (False, False, True), (True, False, False),
+                                        (True, True, False)):  # fmt: skip
             compile_for_gpu(tp._fused_linear_kernel, arch, fused_linear_pointers(t),
-                            fused_linear_flags(shrink, own_input, dtype, tiles), num_warps=tiles.num_warps,
+                            fused_linear_flags(shrink, own_input, dtype, tiles, span=span), num_warps=tiles.num_warps,
                             num_stages=tiles.num_stages)  # fmt: skip
         compile_for_gpu(tp._group_outer_kernel, arch, {"u_ptr": "*fp32", "gate_ptr": t, "m_ptr": t, "out_ptr": "*fp32"},
                         {"BLOCK_M": 32, "BLOCK_SLOTS": 16, "BLOCK_C": 64, "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]],
@@ -86,7 +89,8 @@ def compile_all(arch: int) -> None:
                         "out_ptr": t}, {"OWN_IS_CUR": True, "BLOCK_D": 64, "BLOCK_A": 16, "BLOCK_B": 32})  # fmt: skip
 
 
-def fused_linear_resources(arch: int, dtype: str, shrink: bool, rows: int, n_out: int, depth: int) -> dict:
+def fused_linear_resources(arch: int, dtype: str, shrink: bool, span: bool, rows: int, n_out: int,
+                           depth: int) -> dict:  # fmt: skip
     """The fused GEMM compiled as a launch on contiguous tensors specializes it; ptxas's register and spill counts,
     shared memory, and the count of tensor-core (wgmma / mma) and fp32 FMA instructions in the PTX."""
     tiles = tp.gemm_tiles(DTYPES[dtype], rows, n_out, depth)
@@ -95,7 +99,7 @@ def fused_linear_resources(arch: int, dtype: str, shrink: bool, rows: int, n_out
     divisible = ("x_ptr", "w_ptr", "bias_ptr", "u_ptr", "shrink_in_ptr", "proj_ptr", "gate_ptr", "expand_ptr",
                  "table_ptr", "y_ptr", "stride_x_row", "stride_w_out", "stride_u_row", "stride_proj_expert",
                  "stride_expand_out", "stride_y_row", "depth", "n_out")  # fmt: skip
-    flags = {**fused_linear_flags(shrink, False, dtype, tiles, block_slots=16), **dict.fromkeys(unit_strides, 1)}
+    flags = {**fused_linear_flags(shrink, False, dtype, tiles, 16, span), **dict.fromkeys(unit_strides, 1)}
     compiled = compile_for_gpu(tp._fused_linear_kernel, arch, fused_linear_pointers("*" + dtype), flags, divisible,
                                num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
     ptx = compiled.asm["ptx"]
@@ -120,10 +124,13 @@ def fused_linear_resources(arch: int, dtype: str, shrink: bool, rows: int, n_out
 
 
 def check_fused_linear(arch: int, report: bool) -> None:
-    """At ViT-B/16's q/k/v projection (32 x 197 tokens, 768 -> 768): the resource properties in the docstring."""
-    for dtype, shrink in itertools.product(("bf16", "fp16"), (False, True)):
-        found = fused_linear_resources(arch, dtype, shrink, 32 * 197, 768, 768)
-        what = f"sm_{arch} {dtype} fused GEMM ({'shrink in the K loop' if shrink else 'shrink separate'})"
+    """At ViT-B/16's q/k/v projection (32 x 197 tokens, 768 -> 768): the resource properties in the docstring, for
+    the three forms of the kernel (the shrink separate or in the K loop; gather tiles across samples)."""
+    forms = {"shrink separate": (False, False), "shrink in the K loop": (True, False),
+             "tiles span samples": (False, True)}  # fmt: skip
+    for dtype, (form, (shrink, span)) in itertools.product(("bf16", "fp16"), forms.items()):
+        found = fused_linear_resources(arch, dtype, shrink, span, 32 * 197, 768, 768)
+        what = f"sm_{arch} {dtype} fused GEMM ({form})"
         if report:
             print(what, found)
         assert found["spill_bytes"] == 0, f"{what}: registers spill: {found}"
