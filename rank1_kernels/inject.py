@@ -19,11 +19,12 @@ import torch.nn as nn
 
 from .ago import ago_loss_grouped
 from .attention import PoolMultiheadAttention
-from ._checks import check_choice
+from ._checks import check_choice, check_top_k
 from .families import (
     TEXT_ROUTING, SplitQKVLinear, find_towers, install_text_routing, is_fused_qkv, remove_text_routing, select_towers,
 )
 from .module import FusedRank1PoolLinear
+from .routing import top_experts
 
 # open_clip and OpenAI CLIP residual blocks: the attention (q, k, v, out) and both MLP linears of every block,
 # in both towers: 144 pool layers for ViT-B/16, as in the paper.
@@ -220,6 +221,36 @@ def ago_penalty(model: nn.Module, top_m: int = 4, p: int = 1, backend: str = "au
         raise ValueError("ago_penalty(): the model has no pool layers; call inject() first")
     B_curs = [layer.lora_B for layer in layers]
     B_prevs = [layer.merged_B for layer in layers]
-    cur_masks = [layer.current_top_mask(top_m) for layer in layers]
-    prev_masks = [torch.ones(B.shape[1], dtype=torch.bool, device=B.device) for B in B_prevs]
+    cur_masks = current_top_masks(layers, top_m)
+    prev_masks = _split_alike(B_prevs, lambda total, device: torch.ones(total, dtype=torch.bool, device=device))
     return ago_loss_grouped(B_curs, B_prevs, cur_masks, prev_masks, p=p, backend=backend).mean()
+
+
+def current_top_masks(layers: Sequence[FusedRank1PoolLinear], top_m: int) -> list[torch.Tensor]:
+    """`layer.current_top_mask(top_m)` of every layer, the same masks, with one sort per group of layers that share
+    r, device and count dtype (one for CLIP's 144 layers) instead of a few small launches per layer every step."""
+    groups: dict[tuple, list[int]] = {}
+    for position, layer in enumerate(layers):
+        check_top_k(top_m, layer.r, what="top_m")
+        counts = layer.activation_counts
+        groups.setdefault((layer.r, counts.device, counts.dtype), []).append(position)
+    masks: list[torch.Tensor] = [torch.empty(0)] * len(layers)
+    for (r, device, _), members in groups.items():
+        top = top_experts(torch.stack([layers[i].activation_counts for i in members]), top_m)
+        rows = torch.zeros(len(members), r, dtype=torch.bool, device=device).scatter_(1, top, True)
+        for position, row in zip(members, rows.unbind(0)):
+            masks[position] = row
+    return masks
+
+
+def _split_alike(matrices: Sequence[torch.Tensor], make) -> list[torch.Tensor]:
+    """One (n_columns,) tensor per matrix, as views of one `make(total, device)` per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for position, matrix in enumerate(matrices):
+        by_device.setdefault(matrix.device, []).append(position)
+    pieces: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
+    for device, members in by_device.items():
+        sizes = [matrices[i].shape[1] for i in members]
+        for position, piece in zip(members, make(sum(sizes), device).split(sizes)):
+            pieces[position] = piece
+    return pieces

@@ -237,9 +237,10 @@ def triton_ago_grouped(
     table = _layer_table(table_rows, device, shapes_key)
     max_cols = max(max(b.shape[1] for b in B_curs), max(b.shape[1] for b in B_prevs))
     max_rows = max(b.shape[0] for b in B_curs)
+    # Masks are packed, then cast: two launches, not one cast per layer (288 for CLIP's 144 layers).
     losses, _ = torch.ops.rank1.triton_ago_gram_fwd(
-        _pack(B_curs), _pack(B_prevs), _pack([m.to(torch.float32) for m in cur_masks]),
-        _pack([m.to(torch.float32) for m in prev_masks]), table, p, gram_offset, max_cols, max_rows,
+        _pack(B_curs), _pack(B_prevs), _pack(cur_masks).to(torch.float32), _pack(prev_masks).to(torch.float32),
+        table, p, gram_offset, max_cols, max_rows,
     )  # fmt: skip
     return losses.to(dtype)
 

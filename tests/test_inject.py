@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from rank1_kernels import (
+    current_top_masks,
     FusedRank1PoolLinear,
     PoolMultiheadAttention,
     ago_penalty,
@@ -183,3 +184,22 @@ def test_ago_penalty_is_mean_over_layers():
     torch.testing.assert_close(penalty, torch.stack(expected).mean())
     penalty.backward()
     assert all(torch.count_nonzero(layer.lora_B.grad[:, [0, 2]]) == 0 for _, layer in pool_layers(model))
+
+
+def test_current_top_masks_match_each_layers_own_mask():
+    """One sort per group of layers (same r): the masks each layer would give on its own, ties to the lowest index,
+    across layers of two pool sizes interleaved."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3), nn.Linear(3, 3))
+    inject(model, target=("0", "2"), r=6, k=2)
+    inject(model, target=("1", "3"), r=4, k=2)
+    layers = [layer for _, layer in pool_layers(model)]
+    assert sorted(layer.r for layer in layers) == [4, 4, 6, 6]
+    g = torch.Generator().manual_seed(5)
+    for layer in layers:
+        layer.activation_counts.copy_(torch.randint(0, 3, (layer.r,), generator=g))  # many ties
+    for top_m in (1, 2, 4):
+        masks = current_top_masks(layers, top_m)
+        for layer, mask in zip(layers, masks):
+            assert mask.dtype == torch.bool and torch.equal(mask, layer.current_top_mask(top_m)), (layer.r, top_m)
+    with pytest.raises(ValueError, match="top_m"):
+        current_top_masks(layers, 5)  # more than the 4-expert layers have
