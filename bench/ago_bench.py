@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import sys
 from typing import Iterable
 
@@ -33,6 +34,9 @@ class AgoSweep:
     previous_tasks: list[int] = dataclasses.field(default_factory=lambda: [10])
     dtypes: list[str] = dataclasses.field(default_factory=lambda: ["fp32"])
     directions: list[str] = dataclasses.field(default_factory=lambda: ["forward", "backward", "forward+backward"])
+    # On CUDA, also time each method captured in a CUDA graph: the GPU time without the host's launch and Python
+    # overhead (144 layers of argument checks and packing), which eager timing with events includes.
+    cuda_graphs: bool = False
 
     def layer_widths(self) -> list[int]:
         """d_out of every pool layer, in model order: per block q, k, v, out (width), c_fc (4 width), c_proj."""
@@ -103,33 +107,39 @@ def run_ago(
                     functools.partial(ago_grouped_mean, B_curs, B_prevs, cur_masks, prev_masks, backend),
                     op_refusal(backend, "ago_grouped", [*B_curs, *B_prevs], time_forced_only),
                 )
+            timers = ["events" if device.type == "cuda" else "perf_counter"]
+            if sweep.cuda_graphs and device.type == "cuda":
+                timers.append("cuda-graph")
             rows = []
             for method, (loss_fn, refusal) in methods.items():
                 steps, prepare = _steps(loss_fn, B_curs)
-                for direction in sweep.directions:
+                for direction, timer in itertools.product(sweep.directions, timers):
                     row = dict(
                         section="ago", group="ago", method=method, dtype=dtype_name, n_layers=n_layers, r=sweep.r,
-                        top_m=sweep.top_m, previous_tasks=previous_tasks, direction=direction,
-                        timer="events" if device.type == "cuda" else "perf_counter",
+                        top_m=sweep.top_m, previous_tasks=previous_tasks, direction=direction, timer=timer,
                     )  # fmt: skip
                     if refusal is not None:
                         rows.append(dict(row, status="refused", reason=refusal))
                         continue
+                    if timer == "cuda-graph" and direction == "backward":
+                        rows.append(dict(row, status="skipped", reason="backward alone is not captured: its forward "
+                                         "graph is built outside the capture; see forward+backward"))  # fmt: skip
+                        continue
                     try:
                         if direction == "backward":
                             prepare()
-                        measurement = measure(steps[direction], 1, device, timing)
+                        measurement = measure(steps[direction], 1, device, timing, cuda_graph=timer == "cuda-graph")
                         rows.append(dict(row, status="ok", reason="", **dataclasses.asdict(measurement)))
                     except Exception as exc:  # reported in the table; the sweep goes on
                         rows.append(
                             dict(row, status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
                         )
             loops = {
-                row["direction"]: row["median_ms"]
+                (row["direction"], row["timer"]): row["median_ms"]
                 for row in rows
                 if row["method"] == "per-layer loop" and row["status"] == "ok"
             }
             for row in rows:
-                loop = loops.get(row["direction"])
+                loop = loops.get((row["direction"], row["timer"]))
                 row["ratio_to_loop"] = row["median_ms"] / loop if row["status"] == "ok" and loop else None
             yield from rows

@@ -90,7 +90,7 @@ def _gpu() -> Preset:
                 routings=["batch", "sample"],
             ),
         ],
-        ago=AgoSweep(previous_tasks=[1, 5, 10], dtypes=["fp32", "bf16"]),
+        ago=AgoSweep(previous_tasks=[1, 5, 10], dtypes=["fp32", "bf16"], cuda_graphs=True),
         step=StepConfig(model="ViT-B-16", batch_size=32, dtypes=["bf16"], warmup_steps=5, timed_steps=20),
         triton_variants=True,
     )

@@ -144,16 +144,17 @@ def ago_table(rows: list[dict]) -> list[str]:
     ]
     by_method: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for row in members:
-        by_method[(row["method"], row["dtype"], row["previous_tasks"])][row["direction"]] = row
+        by_method[(row["method"], row["dtype"], row["previous_tasks"], row["timer"])][row["direction"]] = row
     directions = [d for d in DIRECTIONS if any(d in cells for cells in by_method.values())]
     lines, refusals = [], []
-    for (method, dtype, previous), cells in by_method.items():
+    for (method, dtype, previous, timer), cells in by_method.items():
         first = next(iter(cells.values()))
         if first["status"] == "refused":
             refusals.append(f"  {method} {dtype}: refused: {first['reason']}")
             continue
-        lines.append([method, dtype, str(previous)] + [_cell(cells.get(d), "ratio_to_loop") for d in directions])
-    out.extend("  " + line for line in _aligned(["method", "dtype", "previous tasks", *directions], lines))
+        lines.append([method, dtype, str(previous), timer] + [_cell(cells.get(d), "ratio_to_loop") for d in directions])
+    header = ["method", "dtype", "previous tasks", "timer", *directions]
+    out.extend("  " + line for line in _aligned(header, lines))
     out.extend(dict.fromkeys(refusals))
     return out
 

@@ -363,6 +363,7 @@ def test_gpu_preset_covers_the_issue_grid():
     assert {dtype for sweep in sweeps.values() for dtype in sweep.dtypes} == {"bf16", "fp16", "fp32"}
     assert len({shape.rows for shape in sweeps["tokens"].shapes}) >= 6
     assert len(preset.ago.layer_widths()) == 144
+    assert preset.ago.cuda_graphs  # the 50 us target: GPU time with and without the host's launch overhead
     assert (preset.step.model, preset.step.batch_size) == ("ViT-B-16", 32)
 
 
