@@ -9,7 +9,9 @@ Two variants compute it, both in the same kernels:
               several samples, each adding its own experts' expand; shrink and dA/dB tiles stay in one sample).
     "mask"    shrink-all + mask: all r experts are projected, a dense (n_samples, r) gate matrix that is zero outside
               the chosen experts masks them. Tiles may span samples; better when r is small or samples are short.
-A tile-row "group" is a sample (gather) or the whole batch (mask); `table[group, slot]` names the expert of each slot.
+A tile-row "group" is a sample (gather) or the whole batch (mask). The kernels read idx and gates as given: slot j of
+a gather group is expert idx[sample, j] with gate gates[sample, j]; slot e of the mask group is expert e, its gate
+the sum of the sample's gates choosing e (`_gated`).
 
 Kernels:
     _fused_linear_kernel  y = x W^T + bias + (u * gate * scaling) @ expand[:, table]^T  (expand folded into the
@@ -82,11 +84,33 @@ def _rank_dot(hidden, operand, acc, RANK_DOT: tl.constexpr, UPCAST_DOT: tl.const
 
 
 @triton.jit
-def _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok, scaling):
-    """(u * gates * scaling) for a (rows, slots) tile of the rank activations: each row takes its sample's gates."""
-    gate = tl.load(gate_ptr + samples[:, None] * stride_gate_sample + slots[None, :] * stride_gate_slot, mask=tile_ok,
-                   other=0.0)  # fmt: skip
-    return u * gate.to(tl.float32) * scaling
+def _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, sample, slots, slot_ok, DENSE_SLOTS: tl.constexpr):
+    """The expert of each slot: idx[sample, slot] (gather), or the slot itself (mask: the slots are all r experts)."""
+    if DENSE_SLOTS:
+        return slots.to(tl.int64)
+    return tl.load(idx_ptr + sample * stride_idx_sample + slots * stride_idx_slot, mask=slot_ok, other=0)
+
+
+@triton.jit
+def _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample, stride_idx_slot, samples,
+           slots, row_ok, slot_ok, n_chosen, scaling, DENSE_SLOTS: tl.constexpr):  # fmt: skip
+    """u * gates * scaling for a (rows, slots) fp32 tile of rank activations, each row with its sample's gates.
+
+    Gather: the slots are the sample's choices, gates[sample, slot]. Mask: the slots are all r experts, and an
+    expert's gate is the sum of the sample's gates that chose it (zero if none): built here from idx and gates, so
+    no dense gate matrix is made (and launched for) outside the kernel."""
+    tile_ok = row_ok[:, None] & slot_ok[None, :]
+    if DENSE_SLOTS:
+        gate = tl.zeros_like(u)
+        for j in range(0, n_chosen):
+            chosen = tl.load(idx_ptr + samples * stride_idx_sample + j * stride_idx_slot, mask=row_ok, other=-1)
+            weight = tl.load(gate_ptr + samples * stride_gate_sample + j * stride_gate_slot, mask=row_ok, other=0.0)
+            gate += tl.where(chosen[:, None] == slots[None, :], weight.to(tl.float32)[:, None], 0.0)
+        gate = tl.where(tile_ok, gate, 0.0)
+    else:
+        gate = tl.load(gate_ptr + samples[:, None] * stride_gate_sample + slots[None, :] * stride_gate_slot,
+                       mask=tile_ok, other=0.0).to(tl.float32)  # fmt: skip
+    return u * gate * scaling
 
 
 @triton.jit
@@ -100,16 +124,16 @@ def _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts,
 def _shrink_kernel(
     in_ptr, stride_in_row, stride_in_col,  # (n_rows, depth): the rows to project
     proj_ptr, stride_proj_expert, stride_proj_col,  # (r, depth): A, or B^T in the backward
-    table_ptr, stride_table_group, stride_table_slot,  # (n_groups, n_slots) int64 expert of each slot
+    idx_ptr, stride_idx_sample, stride_idx_slot,  # (n_samples, k) int64 chosen experts
     out_ptr, stride_out_row,  # (n_rows, n_slots) fp32
     rows_per_group, n_slots, depth,
-    BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    DENSE_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     group, rows, row_ok = _group_rows(tl.program_id(0), rows_per_group, BLOCK_M)
     slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
     slot_ok = slots < n_slots
-    experts = tl.load(table_ptr + group * stride_table_group + slots * stride_table_slot, mask=slot_ok, other=0)
+    experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, group, slots, slot_ok, DENSE_SLOTS)
     acc = tl.zeros((BLOCK_M, BLOCK_SLOTS), dtype=tl.float32)
     for d0 in range(0, depth, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -135,13 +159,13 @@ def _fused_linear_kernel(
     u_ptr, stride_u_row,  # (n_rows, n_slots) fp32 ungated rank activations: read, or written when SHRINK
     shrink_in_ptr, stride_shrink_in_row, stride_shrink_in_col,  # (n_rows, depth) rows to project if SHRINK_OWN_INPUT
     proj_ptr, stride_proj_expert, stride_proj_col,  # (r, depth): A, or B^T in the backward (SHRINK only)
-    gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, n_slots)
+    gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, k) gates of the chosen experts
     expand_ptr, stride_expand_out, stride_expand_expert,  # (n_out, r): B, or A^T in the backward
-    table_ptr, stride_table_group, stride_table_slot,  # (n_groups, n_slots) int64
+    idx_ptr, stride_idx_sample, stride_idx_slot,  # (n_samples, k) int64 chosen experts
     y_ptr, stride_y_row, stride_y_col,  # (n_rows, n_out)
-    rows_per_group, tokens_per_sample, depth, n_out, n_slots, scaling, n_tiles_n,
+    rows_per_group, tokens_per_sample, depth, n_out, n_slots, n_chosen, scaling, n_tiles_n,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK: tl.constexpr,
-    SHRINK_OWN_INPUT: tl.constexpr, SPAN_SAMPLES: tl.constexpr,
+    SHRINK_OWN_INPUT: tl.constexpr, SPAN_SAMPLES: tl.constexpr, DENSE_SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, RANK_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -155,7 +179,7 @@ def _fused_linear_kernel(
     if SHRINK:  # BLOCK_SLOTS covers every slot: u is computed in the K loop below, from the x tiles already loaded
         slots = tl.arange(0, BLOCK_SLOTS)
         slot_ok = slots < n_slots
-        experts = tl.load(table_ptr + group * stride_table_group + slots * stride_table_slot, mask=slot_ok, other=0)
+        experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, group, slots, slot_ok, DENSE_SLOTS)
         u = tl.zeros((BLOCK_M, BLOCK_SLOTS), dtype=tl.float32)
     if HAS_BASE:
         for k0 in range(0, depth, BLOCK_K):
@@ -188,7 +212,8 @@ def _fused_linear_kernel(
         tile_ok = row_ok[:, None] & slot_ok[None, :]
         tl.store(u_ptr + rows[:, None] * stride_u_row + slots[None, :], u, mask=tile_ok & (pid % n_tiles_n == 0))
         if HAS_LORA:
-            hidden = _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok, scaling)
+            hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+                            stride_idx_slot, samples, slots, row_ok, slot_ok, n_chosen, scaling, DENSE_SLOTS)
             expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
                                          out_ok)  # fmt: skip
             acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
@@ -202,12 +227,11 @@ def _fused_linear_kernel(
             for s0 in range(0, n_slots, BLOCK_SLOTS):
                 slots = s0 + tl.arange(0, BLOCK_SLOTS)
                 slot_ok = slots < n_slots
-                experts = tl.load(table_ptr + sample * stride_table_group + slots * stride_table_slot, mask=slot_ok,
-                                  other=0)  # fmt: skip
+                experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, sample, slots, slot_ok, False)
                 tile_ok = in_sample[:, None] & slot_ok[None, :]
                 u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
-                hidden = _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok,
-                                    scaling)  # fmt: skip
+                hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+                                stride_idx_slot, samples, slots, in_sample, slot_ok, n_chosen, scaling, False)
                 expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok,
                                              outs, out_ok)  # fmt: skip
                 acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
@@ -215,10 +239,11 @@ def _fused_linear_kernel(
         for s0 in range(0, n_slots, BLOCK_SLOTS):
             slots = s0 + tl.arange(0, BLOCK_SLOTS)
             slot_ok = slots < n_slots
-            experts = tl.load(table_ptr + group * stride_table_group + slots * stride_table_slot, mask=slot_ok, other=0)
+            experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, group, slots, slot_ok, DENSE_SLOTS)
             tile_ok = row_ok[:, None] & slot_ok[None, :]
             u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
-            hidden = _gate_rows(u, gate_ptr, stride_gate_sample, stride_gate_slot, samples, slots, tile_ok, scaling)
+            hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+                            stride_idx_slot, samples, slots, row_ok, slot_ok, n_chosen, scaling, DENSE_SLOTS)
             expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
                                          out_ok)  # fmt: skip
             # The rank intermediate stays fp32: its product with the expand goes into the base's fp32 accumulator.
@@ -234,12 +259,13 @@ def _fused_linear_kernel(
 @triton.jit
 def _group_outer_kernel(
     u_ptr, stride_u_row,  # (n_rows, n_slots) fp32
-    gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, n_slots)
+    gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, k) gates of the chosen experts
+    idx_ptr, stride_idx_sample, stride_idx_slot,  # (n_samples, k) int64 chosen experts
     m_ptr, stride_m_row, stride_m_col,  # (n_rows, n_cols)
     out_ptr,  # (n_groups, n_slots, n_cols) fp32 contiguous
-    rows_per_group, n_rows, tokens_per_sample, n_slots, n_cols, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr, RANK_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    rows_per_group, n_rows, tokens_per_sample, n_slots, n_chosen, n_cols, scaling,
+    DENSE_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
+    RANK_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     group = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
@@ -253,17 +279,15 @@ def _group_outer_kernel(
         rows = group * rows_per_group + row_in_group.to(tl.int64)
         row_ok = (row_in_group < rows_per_group) & (rows < n_rows)  # the last row chunk may be short
         samples = rows // tokens_per_sample
-        tile_ok = slot_ok[:, None] & row_ok[None, :]
-        u_t = tl.load(u_ptr + rows[None, :] * stride_u_row + slots[:, None], mask=tile_ok, other=0.0)
-        gate_t = tl.load(
-            gate_ptr + samples[None, :] * stride_gate_sample + slots[:, None] * stride_gate_slot,
-            mask=tile_ok, other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :],
+                    other=0.0)  # fmt: skip
+        hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample, stride_idx_slot,
+                        samples, slots, row_ok, slot_ok, n_chosen, scaling, DENSE_SLOTS)  # fmt: skip
         m_tile = tl.load(
             m_ptr + rows[:, None] * stride_m_row + cols[None, :] * stride_m_col,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )  # fmt: skip
-        acc = _rank_dot(u_t * gate_t * scaling, m_tile, acc, RANK_DOT, UPCAST_DOT)
+        acc = _rank_dot(tl.trans(hidden), m_tile, acc, RANK_DOT, UPCAST_DOT)
     out_rows = group * n_slots + slots.to(tl.int64)
     tl.store(out_ptr + out_rows[:, None] * n_cols + cols[None, :], acc, mask=slot_ok[:, None] & col_ok[None, :])
 
@@ -362,29 +386,25 @@ def choose_shrink(n_slots: int, n_out: int, depth: int, group_rows: int, n_rows:
 
 
 class _Routing:
-    """Tile groups, their expert table and per-sample gates for one variant. All tensors stay on the device."""
+    """Tile groups and slots of one variant over idx and gates as given: the kernels read both directly (the mask
+    variant's dense gates too), so routing launches nothing of its own."""
 
     def __init__(self, idx: torch.Tensor, gates: torch.Tensor, n_experts: int, n_rows: int, tokens_per_sample: int,
                  variant: str):  # fmt: skip
-        if variant == "gather":
-            self.table, self.gates = idx, gates
+        if variant == "gather":  # a group per sample, whose slots are its k choices
             self.rows_per_group, self.n_groups, self.n_slots = tokens_per_sample, idx.shape[0], idx.shape[1]
-        elif variant == "mask":
-            # Dense gates through a one-hot sum, not a scatter: duplicates add up deterministically, and nothing is
-            # read back to the host (F.one_hot would check the index range there on some devices).
-            experts = torch.arange(n_experts, device=idx.device)
-            one_hot = (idx.unsqueeze(-1) == experts).to(torch.float32)  # (n_samples, k, r)
-            self.gates = (gates.to(torch.float32).unsqueeze(-1) * one_hot).sum(1)  # (n_samples, r)
-            self.table = experts.unsqueeze(0)  # one group whose slots are all experts
+        elif variant == "mask":  # one group of all rows, whose slots are all r experts
             self.rows_per_group, self.n_groups, self.n_slots = n_rows, 1, n_experts
         else:
             raise ValueError(f"variant={variant!r} is not supported; expected one of {', '.join(map(repr, VARIANTS))}")
+        self.idx, self.gates, self.n_chosen = idx, gates, idx.shape[1]
         self.tokens_per_sample, self.n_rows = tokens_per_sample, n_rows
-        self.variant = variant
+        self.variant, self.dense_slots = variant, variant == "mask"
 
-    def table_strides(self) -> tuple[int, int]:
-        # The mask variant's single table row serves every group (stride 0), whatever rows_per_group is.
-        return (0 if self.variant == "mask" else self.table.stride(0)), self.table.stride(1)
+    def kernel_args(self) -> tuple:
+        """gate_ptr and its strides, then idx_ptr and its strides: the kernels' routing arguments, in order."""
+        return (self.gates, self.gates.stride(0), self.gates.stride(1), self.idx, self.idx.stride(0),
+                self.idx.stride(1))  # fmt: skip
 
     def fuse_shrink(self, shrink: str, n_out: int, depth: int, dtype: torch.dtype) -> bool:
         """Whether a GEMM launch with n_out columns computes the rank activations itself ("auto": choose_shrink)."""
@@ -402,8 +422,8 @@ def _shrink(rows: torch.Tensor, proj: torch.Tensor, routing: _Routing) -> torch.
     grid = (routing.n_groups * triton.cdiv(routing.rows_per_group, block_m), triton.cdiv(routing.n_slots, block_slots))
     _shrink_kernel[grid](
         rows, rows.stride(0), rows.stride(1), proj, proj.stride(0), proj.stride(1),
-        routing.table, *routing.table_strides(), out, out.stride(0),
-        routing.rows_per_group, routing.n_slots, depth,
+        routing.idx, routing.idx.stride(0), routing.idx.stride(1), out, out.stride(0),
+        routing.rows_per_group, routing.n_slots, depth, DENSE_SLOTS=routing.dense_slots,
         BLOCK_M=block_m, BLOCK_SLOTS=block_slots, BLOCK_D=_block(depth, 64), **_dot_config(rows.dtype),
     )  # fmt: skip
     return out
@@ -443,11 +463,12 @@ def _fused_linear(
         shrink_in_arg, shrink_in_arg.stride(0), shrink_in_arg.stride(1),
         proj_arg, proj_arg.stride(0), proj_arg.stride(1),
         routing.gates, routing.gates.stride(0), routing.gates.stride(1),
-        expand, expand.stride(0), expand.stride(1), routing.table, *routing.table_strides(),
+        expand, expand.stride(0), expand.stride(1), routing.idx, routing.idx.stride(0), routing.idx.stride(1),
         y, y.stride(0), y.stride(1),
-        rows_per_group, routing.tokens_per_sample, depth, n_out, routing.n_slots, scaling, n_tiles_n,
+        rows_per_group, routing.tokens_per_sample, depth, n_out, routing.n_slots, routing.n_chosen, scaling,
+        n_tiles_n,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=u is not None and add_rank, SHRINK=shrink_here,
-        SHRINK_OWN_INPUT=shrink_input is not None, SPAN_SAMPLES=span_samples,
+        SHRINK_OWN_INPUT=shrink_input is not None, SPAN_SAMPLES=span_samples, DENSE_SLOTS=routing.dense_slots,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_SLOTS=_block(routing.n_slots, FUSED_SHRINK_MAX_SLOTS), RANK_DOT=_RANK_DOT[dtype], **_dot_config(dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -474,15 +495,15 @@ def _expert_grad(u: torch.Tensor, m: torch.Tensor, routing: _Routing, scaling: f
     block_slots, block_c = _block(routing.n_slots, 32), _block(n_cols, 64)
     grid = (n_groups, triton.cdiv(routing.n_slots, block_slots), triton.cdiv(n_cols, block_c))
     _group_outer_kernel[grid](
-        u, u.stride(0), routing.gates, routing.gates.stride(0), routing.gates.stride(1), m, m.stride(0), m.stride(1),
-        partial, rows_per_group, n_rows, routing.tokens_per_sample, routing.n_slots, n_cols, scaling,
-        BLOCK_M=_block(rows_per_group, 32), BLOCK_SLOTS=block_slots, BLOCK_C=block_c, RANK_DOT=_RANK_DOT[m.dtype],
-        UPCAST_DOT=_dot_config(m.dtype)["UPCAST_DOT"],
+        u, u.stride(0), *routing.kernel_args(), m, m.stride(0), m.stride(1),
+        partial, rows_per_group, n_rows, routing.tokens_per_sample, routing.n_slots, routing.n_chosen, n_cols, scaling,
+        DENSE_SLOTS=routing.dense_slots, BLOCK_M=_block(rows_per_group, 32), BLOCK_SLOTS=block_slots, BLOCK_C=block_c,
+        RANK_DOT=_RANK_DOT[m.dtype], UPCAST_DOT=_dot_config(m.dtype)["UPCAST_DOT"],
     )  # fmt: skip
     if routing.variant == "mask":  # the slots are the experts in order: sum the row chunks
         out.copy_(partial.sum(0))
         return out
-    table = routing.table.reshape(-1)
+    table = routing.idx.reshape(-1)  # (n_samples * k,) expert of each (sample, slot) partial row
     _scatter_slots_kernel[(n_experts, triton.cdiv(n_cols, block_c))](
         partial, table, out, out.stride(0), out.stride(1), table.numel(), n_cols, BLOCK_P=16, BLOCK_C=block_c
     )

@@ -182,6 +182,16 @@ def test_gather_tiles_across_samples(dtype):
         _check_against_reference(inputs, dtype, 0.5, 29, "gather", f"gather {shrink} {dtype} across samples", shrink)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_expert_chosen_twice_by_one_sample_counts_twice(variant):
+    """Duplicates in a sample's idx add their gates (the reference's sum over k). The mask variant builds its dense
+    gates inside the kernels: each expert's gate is the sum of the gates choosing it."""
+    inputs = _inputs(3, 4, 7, 6, 5, 3, True, False, _device(), seed=19)
+    inputs["idx"] = torch.tensor([[2, 2, 0], [4, 1, 4], [3, 3, 3]], device=inputs["x"].device)
+    for shrink in SHRINKS:
+        _check_against_reference(inputs, torch.float32, 0.5, 4, variant, f"{variant} {shrink} duplicates", shrink)
+
+
 def test_mask_variant_row_chunks(monkeypatch):
     """The mask variant sums dA and dB over row chunks; small chunks make these shapes cross chunk boundaries, with
     a short last chunk and chunks that split samples."""

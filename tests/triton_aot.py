@@ -50,14 +50,14 @@ def compile_for_gpu(kernel, arch, pointers, constants, divisible=(), **options):
 
 def fused_linear_pointers(t: str) -> dict:
     return {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "u_ptr": "*fp32", "shrink_in_ptr": t, "proj_ptr": t,
-            "gate_ptr": t, "expand_ptr": t, "table_ptr": "*i64", "y_ptr": t}  # fmt: skip
+            "gate_ptr": t, "expand_ptr": t, "idx_ptr": "*i64", "y_ptr": t}  # fmt: skip
 
 
 def fused_linear_flags(shrink: bool, own_input: bool, dtype: str, tiles, block_slots: int = 32,
-                       span: bool = False) -> dict:  # fmt: skip
+                       span: bool = False, dense: bool = True) -> dict:  # fmt: skip
     return {"HAS_BASE": True, "HAS_BIAS": True, "HAS_LORA": True, "SHRINK": shrink, "SHRINK_OWN_INPUT": own_input,
-            "SPAN_SAMPLES": span, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
-            "BLOCK_SLOTS": block_slots,
+            "SPAN_SAMPLES": span, "DENSE_SLOTS": dense, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
+            "BLOCK_K": tiles.block_k, "BLOCK_SLOTS": block_slots,
             "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]], "DOT_PRECISION": DOT_PRECISION[dtype],
             "UPCAST_DOT": False}  # fmt: skip
 
@@ -67,17 +67,22 @@ def compile_all(arch: int) -> None:
     for dtype in DTYPES:
         t = "*" + dtype
         dot = {"DOT_PRECISION": DOT_PRECISION[dtype], "UPCAST_DOT": False}
-        compile_for_gpu(tp._shrink_kernel, arch, {"in_ptr": t, "proj_ptr": t, "table_ptr": "*i64", "out_ptr": "*fp32"},
-                        {"BLOCK_M": 64, "BLOCK_SLOTS": 16, "BLOCK_D": 64, **dot})  # fmt: skip
+        for dense in (False, True):
+            compile_for_gpu(tp._shrink_kernel, arch, {"in_ptr": t, "proj_ptr": t, "idx_ptr": "*i64",
+                            "out_ptr": "*fp32"}, {"DENSE_SLOTS": dense, "BLOCK_M": 64, "BLOCK_SLOTS": 16, "BLOCK_D": 64,
+                            **dot})  # fmt: skip
         tiles = tp.gemm_tiles(DTYPES[dtype], 4096, 4096, 4096)
-        for shrink, own_input, span in ((False, False, False), (False, False, True), (True, False, False),
-                                        (True, True, False)):  # fmt: skip
+        # (shrink in the K loop, its own input, tiles across samples, mask variant's dense slots)
+        for shrink, own_input, span, dense in ((False, False, False, True), (False, False, False, False),
+                                               (False, False, True, False), (True, False, False, True),
+                                               (True, False, False, False), (True, True, False, True)):  # fmt: skip
             compile_for_gpu(tp._fused_linear_kernel, arch, fused_linear_pointers(t),
-                            fused_linear_flags(shrink, own_input, dtype, tiles, span=span), num_warps=tiles.num_warps,
-                            num_stages=tiles.num_stages)  # fmt: skip
-        compile_for_gpu(tp._group_outer_kernel, arch, {"u_ptr": "*fp32", "gate_ptr": t, "m_ptr": t, "out_ptr": "*fp32"},
-                        {"BLOCK_M": 32, "BLOCK_SLOTS": 16, "BLOCK_C": 64, "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]],
-                         "UPCAST_DOT": False})  # fmt: skip
+                            fused_linear_flags(shrink, own_input, dtype, tiles, span=span, dense=dense),
+                            num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
+        for dense in (False, True):
+            compile_for_gpu(tp._group_outer_kernel, arch, {"u_ptr": "*fp32", "gate_ptr": t, "idx_ptr": "*i64",
+                            "m_ptr": t, "out_ptr": "*fp32"}, {"DENSE_SLOTS": dense, "BLOCK_M": 32, "BLOCK_SLOTS": 16,
+                            "BLOCK_C": 64, "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]], "UPCAST_DOT": False})  # fmt: skip
         compile_for_gpu(tp._scatter_slots_kernel, arch, {"partial_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": t},
                         {"BLOCK_P": 16, "BLOCK_C": 64})  # fmt: skip
         masks = {"cur_mask_ptr": "*fp32", "prev_mask_ptr": "*fp32", "table_ptr": "*i64"}
@@ -95,11 +100,12 @@ def fused_linear_resources(arch: int, dtype: str, shrink: bool, span: bool, rows
     shared memory, and the count of tensor-core (wgmma / mma) and fp32 FMA instructions in the PTX."""
     tiles = tp.gemm_tiles(DTYPES[dtype], rows, n_out, depth)
     unit_strides = ("stride_x_col", "stride_w_in", "stride_shrink_in_col", "stride_proj_col", "stride_gate_slot",
-                    "stride_expand_expert", "stride_table_slot", "stride_y_col")  # fmt: skip
+                    "stride_expand_expert", "stride_idx_slot", "stride_y_col")  # fmt: skip
     divisible = ("x_ptr", "w_ptr", "bias_ptr", "u_ptr", "shrink_in_ptr", "proj_ptr", "gate_ptr", "expand_ptr",
-                 "table_ptr", "y_ptr", "stride_x_row", "stride_w_out", "stride_u_row", "stride_proj_expert",
+                 "idx_ptr", "y_ptr", "stride_x_row", "stride_w_out", "stride_u_row", "stride_proj_expert",
                  "stride_expand_out", "stride_y_row", "depth", "n_out")  # fmt: skip
-    flags = {**fused_linear_flags(shrink, False, dtype, tiles, 16, span), **dict.fromkeys(unit_strides, 1)}
+    flags = {**fused_linear_flags(shrink, False, dtype, tiles, 16, span, dense=not span),
+             **dict.fromkeys(unit_strides, 1)}  # fmt: skip
     compiled = compile_for_gpu(tp._fused_linear_kernel, arch, fused_linear_pointers("*" + dtype), flags, divisible,
                                num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
     ptx = compiled.asm["ptx"]
@@ -125,9 +131,10 @@ def fused_linear_resources(arch: int, dtype: str, shrink: bool, span: bool, rows
 
 def check_fused_linear(arch: int, report: bool) -> None:
     """At ViT-B/16's q/k/v projection (32 x 197 tokens, 768 -> 768): the resource properties in the docstring, for
-    the three forms of the kernel (the shrink separate or in the K loop; gather tiles across samples)."""
-    forms = {"shrink separate": (False, False), "shrink in the K loop": (True, False),
-             "tiles span samples": (False, True)}  # fmt: skip
+    three forms of the kernel (mask variant, as for the paper's pool: the shrink separate or in the K loop; gather
+    variant: tiles across samples)."""
+    forms = {"mask, shrink separate": (False, False), "mask, shrink in the K loop": (True, False),
+             "gather, tiles span samples": (False, True)}  # fmt: skip
     for dtype, (form, (shrink, span)) in itertools.product(("bf16", "fp16"), forms.items()):
         found = fused_linear_resources(arch, dtype, shrink, span, 32 * 197, 768, 768)
         what = f"sm_{arch} {dtype} fused GEMM ({form})"
