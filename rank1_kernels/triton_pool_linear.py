@@ -476,6 +476,9 @@ def _fused_linear(
     return y, (u if shrink_here else None)
 
 
+# Outputs the kernels write whole. A name of its own so that a test can fill them with NaN: a row left unwritten shows.
+_unwritten_like = torch.empty_like
+
 # The mask variant's rows form one group; its dA / dB sums run over row chunks (at most _MASK_MAX_CHUNKS of at least
 # _MASK_ROW_CHUNK rows) so that more programs share them, and the chunk partials are summed in a fixed order after.
 _MASK_ROW_CHUNK = 128
@@ -559,9 +562,11 @@ def triton_pool_linear_bwd(
     the rank path's input gradient is part of dx."""
     (n_rows, d_in), d_out, n_experts = x.shape, weight.shape[0], A.shape[0]
     routing = _Routing(idx, gates, n_experts, n_rows, tokens_per_sample, variant)
-    # A registered op's outputs may not alias each other: one placeholder (or zero result) each.
+    # A registered op's outputs may not alias each other: one placeholder (or zero result) each. With rows, every
+    # asked-for gradient is written whole below (dA/dB: every expert's row, zero if unchosen), so no memset first.
+    fill = torch.zeros_like if n_rows == 0 else _unwritten_like
     grad_x, grad_lora_input, grad_A, grad_B, grad_gates = (
-        torch.zeros_like(like) if need else x.new_empty(0)
+        fill(like) if need else x.new_empty(0)
         for need, like in ((need_x, x), (need_lora_input, x), (need_A, A), (need_B, B), (need_gates, gates))
     )
     if n_rows == 0:

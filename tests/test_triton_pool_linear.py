@@ -192,6 +192,16 @@ def test_an_expert_chosen_twice_by_one_sample_counts_twice(variant):
         _check_against_reference(inputs, torch.float32, 0.5, 4, variant, f"{variant} {shrink} duplicates", shrink)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_gradient_entry_is_written(monkeypatch, variant):
+    """Gradient buffers start uninitialized (no memset): filled with NaN here, any entry a kernel leaves unwritten
+    (an unchosen expert's row of dA, a padding row of dx) would show as NaN."""
+    monkeypatch.setattr(triton_pool_linear_module, "_unwritten_like", lambda t: torch.full_like(t, float("nan")))
+    inputs = _inputs(3, 5, 17, 37, 9, 2, True, True, _device(), seed=23)  # most of the 9 experts unchosen
+    for shrink in SHRINKS:
+        _check_against_reference(inputs, torch.float32, 0.3, 5, variant, f"{variant} {shrink} NaN-filled", shrink)
+
+
 def test_mask_variant_row_chunks(monkeypatch):
     """The mask variant sums dA and dB over row chunks; small chunks make these shapes cross chunk boundaries, with
     a short last chunk and chunks that split samples."""
