@@ -20,6 +20,7 @@ Kernels:
     _shrink_kernel        u[row, slot] = in[row] . proj[table[group, slot]]             (rank intermediate, fp32)
     _group_outer_kernel   out[group, slot, :] = sum_rows_of_group (u * gate * scaling)[row, slot] * m[row, :]
     _scatter_slots_kernel out[e, :] = sum over slots p with table[p] == e of partial[p, :]  (fixed order: deterministic)
+    _gate_grad_kernel     dgates[s, j] = scaling * sum over sample s's rows of u * (dy B_S) at choice j's slot
 `choose_shrink` places the shrink per GEMM launch; with it separate, gather tiles of the GEMM run across samples.
 
 Backward reuses them: dy B_S is a shrink with proj = B^T; dx = dy W + ((dy B_S) * g * s) A_S is the fused kernel with
@@ -290,6 +291,36 @@ def _group_outer_kernel(
         acc = _rank_dot(tl.trans(hidden), m_tile, acc, RANK_DOT, UPCAST_DOT)
     out_rows = group * n_slots + slots.to(tl.int64)
     tl.store(out_ptr + out_rows[:, None] * n_cols + cols[None, :], acc, mask=slot_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gate_grad_kernel(
+    u_ptr, stride_u_row, grad_u_ptr, stride_grad_u_row,  # (n_rows, n_slots) fp32 each: u and dy B_S
+    idx_ptr, stride_idx_sample, stride_idx_slot,  # (n_samples, k) int64
+    out_ptr, stride_out_sample, stride_out_slot,  # (n_samples, k) in the gates' dtype
+    tokens_per_sample, n_chosen, scaling,
+    DENSE_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dgates[s, j] = scaling * sum over sample s's rows of u * (dy B_S) at the slot of choice j (slot j, gather; the
+    chosen expert idx[s, j], mask). One program per sample and block of choices: a fixed summation order."""
+    sample = tl.program_id(0).to(tl.int64)
+    choices = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    choice_ok = choices < n_chosen
+    if DENSE_SLOTS:
+        slots = tl.load(idx_ptr + sample * stride_idx_sample + choices * stride_idx_slot, mask=choice_ok, other=0)
+    else:
+        slots = choices.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, tokens_per_sample, BLOCK_M):
+        token = m0 + tl.arange(0, BLOCK_M)
+        rows = sample * tokens_per_sample + token.to(tl.int64)
+        tile_ok = (token < tokens_per_sample)[:, None] & choice_ok[None, :]
+        u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
+        grad_u = tl.load(grad_u_ptr + rows[:, None] * stride_grad_u_row + slots[None, :], mask=tile_ok, other=0.0)
+        acc += u * grad_u
+    total = tl.sum(acc, axis=0) * scaling
+    tl.store(out_ptr + sample * stride_out_sample + choices * stride_out_slot, total.to(out_ptr.dtype.element_ty),
+             mask=choice_ok)  # fmt: skip
 
 
 @triton.jit
@@ -591,10 +622,12 @@ def triton_pool_linear_bwd(
     if need_B:
         _expert_grad(u, grad_y, routing, scaling, n_experts, grad_B.t())
     if need_gates:
-        per_sample = (grad_u * u).reshape(-1, tokens_per_sample, routing.n_slots).sum(1) * scaling
-        if variant == "mask":
-            per_sample = per_sample.gather(1, idx)
-        grad_gates = per_sample.to(gates.dtype)
+        block_k = _block(routing.n_chosen, 64)
+        _gate_grad_kernel[(idx.shape[0], triton.cdiv(routing.n_chosen, block_k))](
+            u, u.stride(0), grad_u, grad_u.stride(0), idx, idx.stride(0), idx.stride(1), grad_gates,
+            grad_gates.stride(0), grad_gates.stride(1), tokens_per_sample, routing.n_chosen, scaling,
+            DENSE_SLOTS=routing.dense_slots, BLOCK_M=_block(tokens_per_sample, 64), BLOCK_K=block_k,
+        )  # fmt: skip
     return grad_x, grad_lora_input, grad_A, grad_B, grad_gates
 
 

@@ -90,6 +90,7 @@ CPU_SHAPES = [
     (3, 5, 17, 37, 7, 3, True, False),
     (2, 1, 1, 3, 1, 1, False, True),
     (2, 17, 37, 17, 5, 5, True, True),
+    (2, 3, 5, 6, 75, 70, False, False),  # more choices than one 64-wide block of the gate gradient
 ]
 
 

@@ -83,6 +83,9 @@ def compile_all(arch: int) -> None:
             compile_for_gpu(tp._group_outer_kernel, arch, {"u_ptr": "*fp32", "gate_ptr": t, "idx_ptr": "*i64",
                             "m_ptr": t, "out_ptr": "*fp32"}, {"DENSE_SLOTS": dense, "BLOCK_M": 32, "BLOCK_SLOTS": 16,
                             "BLOCK_C": 64, "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]], "UPCAST_DOT": False})  # fmt: skip
+        for dense in (False, True):
+            compile_for_gpu(tp._gate_grad_kernel, arch, {"u_ptr": "*fp32", "grad_u_ptr": "*fp32", "idx_ptr": "*i64",
+                            "out_ptr": t}, {"DENSE_SLOTS": dense, "BLOCK_M": 64, "BLOCK_K": 16})  # fmt: skip
         compile_for_gpu(tp._scatter_slots_kernel, arch, {"partial_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": t},
                         {"BLOCK_P": 16, "BLOCK_C": 64})  # fmt: skip
         masks = {"cur_mask_ptr": "*fp32", "prev_mask_ptr": "*fp32", "table_ptr": "*i64"}
