@@ -222,7 +222,7 @@ def ago_penalty(model: nn.Module, top_m: int = 4, p: int = 1, backend: str = "au
     B_curs = [layer.lora_B for layer in layers]
     B_prevs = [layer.merged_B for layer in layers]
     cur_masks = current_top_masks(layers, top_m)
-    prev_masks = _split_alike(B_prevs, lambda total, device: torch.ones(total, dtype=torch.bool, device=device))
+    prev_masks = _all_true_masks(B_prevs)
     return ago_loss_grouped(B_curs, B_prevs, cur_masks, prev_masks, p=p, backend=backend).mean()
 
 
@@ -243,14 +243,15 @@ def current_top_masks(layers: Sequence[FusedRank1PoolLinear], top_m: int) -> lis
     return masks
 
 
-def _split_alike(matrices: Sequence[torch.Tensor], make) -> list[torch.Tensor]:
-    """One (n_columns,) tensor per matrix, as views of one `make(total, device)` per device."""
+def _all_true_masks(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """An all-true boolean (n_columns,) mask per matrix, as views of one tensor per device (one launch, not one per
+    layer)."""
     by_device: dict[torch.device, list[int]] = {}
     for position, matrix in enumerate(matrices):
         by_device.setdefault(matrix.device, []).append(position)
-    pieces: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
+    masks: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
     for device, members in by_device.items():
         sizes = [matrices[i].shape[1] for i in members]
-        for position, piece in zip(members, make(sum(sizes), device).split(sizes)):
-            pieces[position] = piece
-    return pieces
+        for position, mask in zip(members, torch.ones(sum(sizes), dtype=torch.bool, device=device).split(sizes)):
+            masks[position] = mask
+    return masks
