@@ -122,6 +122,30 @@ def _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts,
 
 
 @triton.jit
+def _add_stored_expand(
+    acc, u_ptr, stride_u_row, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+    stride_idx_slot, expand_ptr, stride_expand_out, stride_expand_expert, rows, row_ok, samples, group, outs, out_ok,
+    n_slots, n_chosen, scaling, DENSE_SLOTS: tl.constexpr, BLOCK_SLOTS: tl.constexpr, RANK_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """acc += (u * gates * scaling) @ expand[:, experts]^T over every slot of `group` (a sample, or the mask group),
+    u read back from memory; rows outside row_ok add nothing. The rank intermediate stays fp32: its product with the
+    expand goes into the base's fp32 accumulator."""
+    for s0 in range(0, n_slots, BLOCK_SLOTS):
+        slots = s0 + tl.arange(0, BLOCK_SLOTS)
+        slot_ok = slots < n_slots
+        experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, group, slots, slot_ok, DENSE_SLOTS)
+        u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :],
+                    other=0.0)  # fmt: skip
+        hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample, stride_idx_slot,
+                        samples, slots, row_ok, slot_ok, n_chosen, scaling, DENSE_SLOTS)  # fmt: skip
+        expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
+                                     out_ok)  # fmt: skip
+        acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
 def _shrink_kernel(
     in_ptr, stride_in_row, stride_in_col,  # (n_rows, depth): the rows to project
     proj_ptr, stride_proj_expert, stride_proj_col,  # (r, depth): A, or B^T in the backward
@@ -225,30 +249,17 @@ def _fused_linear_kernel(
         last_row = tl.minimum(first_row + BLOCK_M, rows_per_group) - 1
         for sample in range(first_row // tokens_per_sample, last_row // tokens_per_sample + 1):
             in_sample = row_ok & (samples == sample)
-            for s0 in range(0, n_slots, BLOCK_SLOTS):
-                slots = s0 + tl.arange(0, BLOCK_SLOTS)
-                slot_ok = slots < n_slots
-                experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, sample, slots, slot_ok, False)
-                tile_ok = in_sample[:, None] & slot_ok[None, :]
-                u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
-                hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
-                                stride_idx_slot, samples, slots, in_sample, slot_ok, n_chosen, scaling, False)
-                expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok,
-                                             outs, out_ok)  # fmt: skip
-                acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
+            acc = _add_stored_expand(
+                acc, u_ptr, stride_u_row, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+                stride_idx_slot, expand_ptr, stride_expand_out, stride_expand_expert, rows, in_sample, samples, sample,
+                outs, out_ok, n_slots, n_chosen, scaling, False, BLOCK_SLOTS, RANK_DOT, UPCAST_DOT,
+            )  # fmt: skip
     elif HAS_LORA:
-        for s0 in range(0, n_slots, BLOCK_SLOTS):
-            slots = s0 + tl.arange(0, BLOCK_SLOTS)
-            slot_ok = slots < n_slots
-            experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, group, slots, slot_ok, DENSE_SLOTS)
-            tile_ok = row_ok[:, None] & slot_ok[None, :]
-            u = tl.load(u_ptr + rows[:, None] * stride_u_row + slots[None, :], mask=tile_ok, other=0.0)
-            hidden = _gated(u, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
-                            stride_idx_slot, samples, slots, row_ok, slot_ok, n_chosen, scaling, DENSE_SLOTS)
-            expand_tile = _gather_expand(expand_ptr, stride_expand_out, stride_expand_expert, experts, slot_ok, outs,
-                                         out_ok)  # fmt: skip
-            # The rank intermediate stays fp32: its product with the expand goes into the base's fp32 accumulator.
-            acc = _rank_dot(hidden, expand_tile, acc, RANK_DOT, UPCAST_DOT)
+        acc = _add_stored_expand(
+            acc, u_ptr, stride_u_row, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+            stride_idx_slot, expand_ptr, stride_expand_out, stride_expand_expert, rows, row_ok, samples, group, outs,
+            out_ok, n_slots, n_chosen, scaling, DENSE_SLOTS, BLOCK_SLOTS, RANK_DOT, UPCAST_DOT,
+        )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
