@@ -605,12 +605,13 @@ def triton_pool_linear_bwd(
     (n_rows, d_in), d_out, n_experts = x.shape, weight.shape[0], A.shape[0]
     routing = _Routing(idx, gates, n_experts, n_rows, tokens_per_sample, variant)
     # A registered op's outputs may not alias each other: one placeholder (or zero result) each. With rows, every
-    # asked-for gradient is written whole below (dA/dB: every expert's row, zero if unchosen), so no memset first.
+    # asked-for gradient is written whole below (dA/dB: every expert's row, zero if unchosen), so no memset first;
+    # dx and d(lora_input) are the fused kernel's own outputs.
     fill = torch.zeros_like if n_rows == 0 else _unwritten_like
-    grad_x, grad_lora_input, grad_A, grad_B, grad_gates = (
-        fill(like) if need else x.new_empty(0)
-        for need, like in ((need_x, x), (need_lora_input, x), (need_A, A), (need_B, B), (need_gates, gates))
-    )
+    grad_A, grad_B, grad_gates = (fill(like) if need else x.new_empty(0)
+                                  for need, like in ((need_A, A), (need_B, B), (need_gates, gates)))  # fmt: skip
+    grad_x, grad_lora_input = (fill(x) if need and n_rows == 0 else x.new_empty(0)
+                               for need in (need_x, need_lora_input))  # fmt: skip
     if n_rows == 0:
         return grad_x, grad_lora_input, grad_A, grad_B, grad_gates
     rank_input_grad_in_dx = lora_input is None and need_x
