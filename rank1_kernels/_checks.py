@@ -63,22 +63,27 @@ _DEVICE_SYNC_CHECKS = {"enabled": False}
 
 
 def set_device_sync_checks(enabled: bool) -> None:
-    """Turn on (or off) the input checks that need a host sync on GPU tensors, such as NaN/Inf in routing
-    scores. Off by default on GPU for speed: a non-finite routing token also makes the layer's output non-finite,
-    so the loss shows it; turn this on to find the layer where it starts."""
+    """Turn on (or off) the input checks that need a host sync on GPU tensors: NaN/Inf in routing scores, and expert
+    indices outside [0, r) passed to the op. Off by default on GPU for speed: a non-finite routing token also makes
+    the layer's output non-finite, so the loss shows it; turn this on to find the layer where it starts. (The
+    module's router never produces an index out of range; a hand-made idx could.)"""
     _DEVICE_SYNC_CHECKS["enabled"] = bool(enabled)
 
 
-def check_finite_scores(scores: torch.Tensor) -> None:
-    """Routing on NaN/Inf would pick arbitrary experts silently; refuse instead.
-
-    This reads a flag back from the device, so it is skipped while compiling, and on accelerators unless
-    set_device_sync_checks(True) was called (never while capturing CUDA graphs)."""
+def _may_read_back(tensor: torch.Tensor) -> bool:
+    """Whether a check may read values of `tensor` back to the host: never while compiling; on CPU always; on
+    accelerators only when set_device_sync_checks(True) was called, and never while capturing a CUDA graph."""
     if torch.compiler.is_compiling():
-        return
-    if scores.device.type != "cpu" and (
-        not _DEVICE_SYNC_CHECKS["enabled"] or (scores.is_cuda and torch.cuda.is_current_stream_capturing())
-    ):
+        return False
+    if tensor.device.type == "cpu":
+        return True
+    return _DEVICE_SYNC_CHECKS["enabled"] and not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_finite_scores(scores: torch.Tensor) -> None:
+    """Routing on NaN/Inf would pick arbitrary experts silently; refuse instead (a check that reads the device:
+    see _may_read_back)."""
+    if not _may_read_back(scores):
         return
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
@@ -86,3 +91,13 @@ def check_finite_scores(scores: torch.Tensor) -> None:
             f"routing scores contain NaN or Inf (first at sample {bad[0]}, expert {bad[1]}); "
             f"check the routing tokens and router weights for non-finite values"
         )
+
+
+def check_expert_range(idx: torch.Tensor, n_experts: int) -> None:
+    """Expert indices outside [0, r) would make the fused kernels read outside A and B; refuse instead (a check
+    that reads the device: see _may_read_back)."""
+    if not idx.numel() or not _may_read_back(idx):
+        return
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= n_experts:
+        raise ValueError(f"idx holds expert {low if low < 0 else high}, outside [0, r={n_experts})")

@@ -17,7 +17,7 @@ from ._checks import (
     check_top_k,
 )
 from .pool_linear import rank1_pool_linear
-from .routing import route, top_experts
+from .routing import route, shared_ones, top_experts
 
 # Buffers whose length grows with every merge; resized on load so that any history can be restored.
 _HISTORY_BUFFERS = ("merged_A", "merged_B", "merged_scaling", "merge_sizes")
@@ -183,7 +183,7 @@ class FusedRank1PoolLinear(nn.Module):
         if self.training:
             with torch.no_grad():
                 flat = idx.reshape(-1)
-                self.activation_counts.index_add_(0, flat, torch.ones_like(flat))
+                self.activation_counts.index_add_(0, flat, shared_ones(flat.shape, flat.dtype, flat.device))
         lora_input = self.dropout(rows) if self.training and isinstance(self.dropout, nn.Dropout) else None
         y = rank1_pool_linear(
             rows, self.weight, self.bias, self.lora_A, self.lora_B, idx, gates, self.scaling, tokens_per_sample,

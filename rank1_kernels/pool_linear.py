@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_last_dim, check_rows_divisible, check_same_device_dtype, check_top_k
+from ._checks import check_expert_range, check_last_dim, check_rows_divisible, check_same_device_dtype, check_top_k
 from .backends import resolve_backend
 
 
@@ -42,7 +42,8 @@ def rank1_pool_linear_ref(
 
 
 def check_pool_linear_inputs(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input=None) -> int:
-    """Validate shapes, dtypes and devices; returns n_samples. Cheap: reads no tensor data from the device."""
+    """Validate shapes, dtypes and devices, and (on CPU, or on a GPU when asked for) the expert indices' range;
+    returns n_samples."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (n_rows, d_in), got shape {tuple(x.shape)}; the module flattens batches")
     if weight.dim() != 2:
@@ -69,10 +70,7 @@ def check_pool_linear_inputs(x, weight, bias, A, B, idx, gates, scaling, tokens_
         raise ValueError(f"gates must have the shape of idx {tuple(idx.shape)}, got {tuple(gates.shape)}")
     if idx.device != x.device:
         raise ValueError(f"idx is on {idx.device} but x is on {x.device}; move idx to x's device")
-    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
-        low, high = int(idx.min()), int(idx.max())
-        if low < 0 or high >= n_experts:
-            raise ValueError(f"idx holds expert {low if low < 0 else high}, outside [0, r={n_experts})")
+    check_expert_range(idx, n_experts)
     return n_samples
 
 

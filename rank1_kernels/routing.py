@@ -18,8 +18,29 @@ from ._checks import GATE_KINDS, ROUTING_MODES, check_choice, check_finite_score
 
 
 def top_experts(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along the last dim, ties to the lowest index. int64, same leading shape."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the k largest entries along the last dim, ties to the lowest index. int64, same leading shape,
+    contiguous (one copy here saves one in every consumer that flattens it: activation counts, dA/dB scatters)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+
+
+# One-element tensors of ones per (dtype, device), expanded to any shape: constant gates and count increments
+# without a fill launch per layer and step. Expanded (stride 0), so an in-place write to one raises.
+_ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def shared_ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.ones(shape) as a read-only expanded view of a cached one-element tensor."""
+    if torch.compiler.is_compiling():  # traced: the compiler folds a fill into its kernels
+        return torch.ones(shape, dtype=dtype, device=device)
+    key = (dtype, torch.device(device))
+    one = _ONES.get(key)
+    if one is None:
+        if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Captured, the fill would run only on replay: the cache would hold garbage until then.
+            return torch.ones(shape, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
+            one = _ONES[key] = torch.ones(1, dtype=dtype, device=device)
+    return one.expand(shape)
 
 
 def route(
@@ -35,7 +56,7 @@ def route(
 
     tokens: (n_samples, d_in) routing tokens; router_weight: (r, d_in); router_bias: (r,) or None.
     Returns idx (n_samples, k) int64 and gates (n_samples, k) in tokens.dtype; gates carry gradient to
-    the router for gate="softmax"/"sigmoid" and are constant ones for gate="none".
+    the router for gate="softmax"/"sigmoid" and are constant ones for gate="none" (a read-only expanded view).
     """
     check_choice("mode", mode, ROUTING_MODES)
     check_choice("gate", gate, GATE_KINDS)
@@ -61,7 +82,7 @@ def route(
         idx = top_experts(votes, k).unsqueeze(0).expand(tokens.shape[0], k).contiguous()
 
     if gate == "none":
-        gates = torch.ones(idx.shape, dtype=tokens.dtype, device=tokens.device)
+        gates = shared_ones(idx.shape, tokens.dtype, tokens.device)
     else:
         chosen = scores.gather(1, idx)
         # Softmax over the chosen k equals the full softmax renormalised over them.

@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import block as _block
+from ._launch import cdiv as _cdiv
+
 # Columns of the per-layer table.
 _CUR_OFFSET, _PREV_OFFSET, _ROWS, _CUR_COLS, _PREV_COLS, _CUR_MASK_OFFSET, _PREV_MASK_OFFSET, _GRAM_OFFSET = range(8)
 _TABLE_WIDTH = 8
@@ -110,17 +113,12 @@ def _ago_grad_kernel(
                  mask=d_ok[:, None] & a_ok[None, :])  # fmt: skip
 
 
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+# Each op's body is a plain function: the registered op (what torch.compile traces) and the eager autograd.Function
+# (`_EagerAgoGram`, which skips the dispatcher's overhead) both call it.
 
 
-@torch.library.custom_op("rank1::triton_ago_gram_fwd", mutates_args=())
-def triton_ago_gram_fwd(
-    cur_flat: torch.Tensor, prev_flat: torch.Tensor, cur_mask_flat: torch.Tensor, prev_mask_flat: torch.Tensor,
-    table: torch.Tensor, p: int, gram_numel: int, max_cols: int, max_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Packed layers -> (per-layer losses (n_layers,) fp32, dphi of every Gram (gram_numel,) fp32 for backward).
-    table: (n_layers, 8) int64; max_cols / max_rows bound the r, m and d_out of all layers (tile sizes only)."""
+def _forward(cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, p, gram_numel, max_cols, max_rows):
+    """Packed layers -> (per-layer losses (n_layers,) fp32, dphi of every Gram (gram_numel,) fp32 for backward)."""
     n_layers = table.shape[0]
     losses = torch.empty(n_layers, device=cur_flat.device, dtype=torch.float32)
     dphi = torch.empty(max(gram_numel, 1), device=cur_flat.device, dtype=torch.float32)
@@ -132,18 +130,24 @@ def triton_ago_gram_fwd(
     return losses, dphi
 
 
+@torch.library.custom_op("rank1::triton_ago_gram_fwd", mutates_args=())
+def triton_ago_gram_fwd(
+    cur_flat: torch.Tensor, prev_flat: torch.Tensor, cur_mask_flat: torch.Tensor, prev_mask_flat: torch.Tensor,
+    table: torch.Tensor, p: int, gram_numel: int, max_cols: int, max_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Packed layers -> (per-layer losses (n_layers,) fp32, dphi of every Gram (gram_numel,) fp32 for backward).
+    table: (n_layers, 8) int64; max_cols / max_rows bound the r, m and d_out of all layers (tile sizes only)."""
+    return _forward(cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, p, gram_numel, max_cols, max_rows)
+
+
 @triton_ago_gram_fwd.register_fake
 def _(cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, p, gram_numel, max_cols, max_rows):
     return (cur_flat.new_empty(table.shape[0], dtype=torch.float32),
             cur_flat.new_empty(max(gram_numel, 1), dtype=torch.float32))  # fmt: skip
 
 
-@torch.library.custom_op("rank1::triton_ago_gram_bwd", mutates_args=())
-def triton_ago_gram_bwd(
-    grad_losses: torch.Tensor, cur_flat: torch.Tensor, prev_flat: torch.Tensor, cur_mask_flat: torch.Tensor,
-    prev_mask_flat: torch.Tensor, table: torch.Tensor, dphi: torch.Tensor, max_cols: int, max_rows: int,
-    need_cur: bool, need_prev: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _backward_kernels(grad_losses, cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, dphi, max_cols,
+                      max_rows, need_cur, need_prev):  # fmt: skip
     """Gradients of the packed B_cur and B_prev buffers (empty where not asked for)."""
     n_layers = table.shape[0]
     grads = []
@@ -157,12 +161,23 @@ def triton_ago_gram_bwd(
         out = torch.zeros_like(own)
         if n_layers and own.numel():
             block_d = _block(max_rows, 64)
-            _ago_grad_kernel[(n_layers, triton.cdiv(max_rows, block_d))](
+            _ago_grad_kernel[(n_layers, _cdiv(max_rows, block_d))](
                 grad_losses, own, other, own_mask, other_mask, table, dphi, out,
                 OWN_IS_CUR=own_is_cur, BLOCK_D=block_d, BLOCK_A=_block(max_cols, 32), BLOCK_B=_block(max_cols, 32),
             )  # fmt: skip
         grads.append(out)
     return grads[0], grads[1]
+
+
+@torch.library.custom_op("rank1::triton_ago_gram_bwd", mutates_args=())
+def triton_ago_gram_bwd(
+    grad_losses: torch.Tensor, cur_flat: torch.Tensor, prev_flat: torch.Tensor, cur_mask_flat: torch.Tensor,
+    prev_mask_flat: torch.Tensor, table: torch.Tensor, dphi: torch.Tensor, max_cols: int, max_rows: int,
+    need_cur: bool, need_prev: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of the packed B_cur and B_prev buffers (empty where not asked for)."""
+    return _backward_kernels(grad_losses, cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, dphi, max_cols,
+                             max_rows, need_cur, need_prev)  # fmt: skip
 
 
 @triton_ago_gram_bwd.register_fake
@@ -178,10 +193,12 @@ def _setup_context(ctx, inputs, output):
     ctx.max_cols, ctx.max_rows = max_cols, max_rows
 
 
-def _backward(ctx, grad_losses, grad_dphi):
+def _gradients(ctx, grad_losses, backward_kernels):
+    """The packed inputs' gradients (None where not needed), computed by `backward_kernels` (the registered
+    backward op, or its body in eager mode)."""
     cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, dphi = ctx.saved_tensors
     need_cur, need_prev = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_cur, grad_prev = torch.ops.rank1.triton_ago_gram_bwd(
+    grad_cur, grad_prev = backward_kernels(
         grad_losses.contiguous(), cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, dphi, ctx.max_cols,
         ctx.max_rows, need_cur, need_prev,
     )  # fmt: skip
@@ -189,7 +206,26 @@ def _backward(ctx, grad_losses, grad_dphi):
     return (grad_cur if need_cur else None), (grad_prev if need_prev else None), *no_grad_for_the_rest
 
 
+def _backward(ctx, grad_losses, grad_dphi):
+    return _gradients(ctx, grad_losses, torch.ops.rank1.triton_ago_gram_bwd)
+
+
 triton_ago_gram_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAgoGram(torch.autograd.Function):
+    """The registered ops' bodies called directly, without the dispatcher's per-call work (eager mode; torch.compile
+    traces the registered op). Same kernels, arguments and saved tensors."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        losses, dphi = _forward(*inputs)
+        _setup_context(ctx, inputs, (losses, dphi))
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        return _gradients(ctx, grad_losses, _backward_kernels)
 
 
 # Per-layer tables by (device, layer shapes): after the first call a step reuses its table, so no host-to-device copy
@@ -206,9 +242,14 @@ def _layer_table(table_rows: list[list[int]], device: torch.device, key: tuple) 
     return table
 
 
-def _pack(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Row-major flattening of every matrix, one after another; never empty (kernels need a real pointer)."""
-    flat = torch.cat([m.reshape(-1) for m in matrices])
+def _pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row-major flattening of every matrix (or vector), one after another; never empty (kernels need a real
+    pointer). Matrices sharing a column count (a model's pools usually share r) are stacked along their rows: the same
+    bytes in the same order, without a reshape per layer in the forward and a view node per layer in autograd."""
+    if tensors[0].dim() == 1 or all(t.shape[1] == tensors[0].shape[1] for t in tensors):
+        flat = torch.cat(tensors).reshape(-1)
+    else:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
     return flat if flat.numel() else torch.zeros(1, dtype=flat.dtype, device=flat.device)
 
 
@@ -238,10 +279,12 @@ def triton_ago_grouped(
     max_cols = max(max(b.shape[1] for b in B_curs), max(b.shape[1] for b in B_prevs))
     max_rows = max(b.shape[0] for b in B_curs)
     # Masks are packed, then cast: two launches, not one cast per layer (288 for CLIP's 144 layers).
-    losses, _ = torch.ops.rank1.triton_ago_gram_fwd(
-        _pack(B_curs), _pack(B_prevs), _pack(cur_masks).to(torch.float32), _pack(prev_masks).to(torch.float32),
-        table, p, gram_offset, max_cols, max_rows,
-    )  # fmt: skip
+    inputs = (_pack(B_curs), _pack(B_prevs), _pack(cur_masks).to(torch.float32), _pack(prev_masks).to(torch.float32),
+              table, p, gram_offset, max_cols, max_rows)  # fmt: skip
+    if torch.compiler.is_compiling():
+        losses, _ = torch.ops.rank1.triton_ago_gram_fwd(*inputs)
+    else:
+        losses = _EagerAgoGram.apply(*inputs)
     return losses.to(dtype)
 
 

@@ -30,12 +30,15 @@ Accumulation is fp32 everywhere, offsets are int64, and the forward reads no val
 """
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import block as _block
+from ._launch import cdiv as _cdiv
 from .backends import frozen_base_message
 
 VARIANTS = ("gather", "mask")
@@ -359,11 +362,6 @@ def _scatter_slots_kernel(
 # ---- launchers -----------------------------------------------------------------------------------------------------
 
 
-def _block(size: int, cap: int) -> int:
-    """A power-of-two tile edge for a dimension of `size`: at least 16 (tl.dot's minimum), at most `cap`."""
-    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
-
-
 def _dot_config(dtype: torch.dtype) -> dict:
     """tl.dot settings for input tiles of `dtype`. fp32 gets true fp32 products (the reference's matmul does not use
     TF32 by default; bf16/fp16 ignore the precision). Triton's interpreter multiplies the raw bits of bf16 operands
@@ -387,6 +385,8 @@ class GemmTiles:
     num_stages: int
 
 
+# Pure functions of shapes, called on every launch: cached (a model has a handful of distinct layer shapes).
+@functools.lru_cache(maxsize=1024)
 def gemm_tiles(dtype: torch.dtype, rows_per_group: int, n_out: int, depth: int) -> GemmTiles:
     """The fused GEMM's tiles, from the dtype and shapes only. Half inputs: 128 x 128 x 64 tiles, 8 warps, 3 stages
     (96 KiB of pipelined tiles: fits sm_80's and sm_90's shared memory; large tiles halve the operand traffic of
@@ -408,6 +408,7 @@ FUSED_SHRINK_MAX_SLOTS = 32
 FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS = 256
 
 
+@functools.lru_cache(maxsize=1024)
 def choose_shrink(n_slots: int, n_out: int, depth: int, group_rows: int, n_rows: int, dtype: torch.dtype) -> str:
     """Where the GEMM launch with n_out output columns gets its rank activations, from shapes only: "fused"
     computes them inside the GEMM's K loop from the x tiles it loads anyway (x read once, one launch, but every
@@ -419,10 +420,10 @@ def choose_shrink(n_slots: int, n_out: int, depth: int, group_rows: int, n_rows:
     if n_slots > FUSED_SHRINK_MAX_SLOTS:
         return "separate"
     tiles = gemm_tiles(dtype, group_rows, n_out, depth)
-    recomputed = _block(n_slots, FUSED_SHRINK_MAX_SLOTS) * triton.cdiv(n_out, tiles.block_n)
+    recomputed = _block(n_slots, FUSED_SHRINK_MAX_SLOTS) * _cdiv(n_out, tiles.block_n)
     spanning = gemm_tiles(dtype, n_rows, n_out, depth).block_m
-    aligned_rows = triton.cdiv(n_rows, group_rows) * triton.cdiv(group_rows, tiles.block_m) * tiles.block_m
-    padding = (aligned_rows - triton.cdiv(n_rows, spanning) * spanning) / max(n_rows, 1)
+    aligned_rows = _cdiv(n_rows, group_rows) * _cdiv(group_rows, tiles.block_m) * tiles.block_m
+    padding = (aligned_rows - _cdiv(n_rows, spanning) * spanning) / max(n_rows, 1)
     extra_columns = recomputed + max(padding, 0.0) * n_out
     return "fused" if extra_columns <= FUSED_SHRINK_MAX_RECOMPUTED_COLUMNS else "separate"
 
@@ -461,7 +462,7 @@ def _shrink(rows: torch.Tensor, proj: torch.Tensor, routing: _Routing) -> torch.
     out = torch.empty(n_rows, routing.n_slots, device=rows.device, dtype=torch.float32)
     block_m = _block(routing.rows_per_group, 64)
     block_slots = _block(routing.n_slots, 32)
-    grid = (routing.n_groups * triton.cdiv(routing.rows_per_group, block_m), triton.cdiv(routing.n_slots, block_slots))
+    grid = (routing.n_groups * _cdiv(routing.rows_per_group, block_m), _cdiv(routing.n_slots, block_slots))
     _shrink_kernel[grid](
         rows, rows.stride(0), rows.stride(1), proj, proj.stride(0), proj.stride(1),
         routing.idx, routing.idx.stride(0), routing.idx.stride(1), out, out.stride(0),
@@ -497,8 +498,8 @@ def _fused_linear(
     span_samples = routing.variant == "gather" and not shrink_here
     rows_per_group, n_groups = (n_rows, 1) if span_samples else (routing.rows_per_group, routing.n_groups)
     tiles = gemm_tiles(dtype, rows_per_group, n_out, depth)
-    n_tiles_n = triton.cdiv(n_out, tiles.block_n)
-    n_tiles_m = n_groups * triton.cdiv(rows_per_group, tiles.block_m)
+    n_tiles_n = _cdiv(n_out, tiles.block_n)
+    n_tiles_m = n_groups * _cdiv(rows_per_group, tiles.block_m)
     _fused_linear_kernel[(n_tiles_m * n_tiles_n,)](
         x_arg, x_arg.stride(0), x_arg.stride(1), w_arg, w_arg.stride(0), w_arg.stride(1),
         bias if bias is not None else expand, u_arg, u_arg.stride(0),
@@ -532,13 +533,13 @@ def _expert_grad(u: torch.Tensor, m: torch.Tensor, routing: _Routing, scaling: f
     """out[e, c] (out: (r, n_cols), any strides) = sum over rows and slots choosing e of (u * gates * scaling) m."""
     n_rows, n_cols = m.shape
     if routing.variant == "mask":
-        rows_per_group = max(_MASK_ROW_CHUNK, triton.cdiv(n_rows, _MASK_MAX_CHUNKS))
-        n_groups = triton.cdiv(n_rows, rows_per_group)
+        rows_per_group = max(_MASK_ROW_CHUNK, _cdiv(n_rows, _MASK_MAX_CHUNKS))
+        n_groups = _cdiv(n_rows, rows_per_group)
     else:
         rows_per_group, n_groups = routing.rows_per_group, routing.n_groups
     partial = torch.empty(n_groups, routing.n_slots, n_cols, device=m.device, dtype=torch.float32)
     block_slots, block_c = _block(routing.n_slots, 32), _block(n_cols, 64)
-    grid = (n_groups, triton.cdiv(routing.n_slots, block_slots), triton.cdiv(n_cols, block_c))
+    grid = (n_groups, _cdiv(routing.n_slots, block_slots), _cdiv(n_cols, block_c))
     _group_outer_kernel[grid](
         u, u.stride(0), *routing.kernel_args(), m, m.stride(0), m.stride(1),
         partial, rows_per_group, n_rows, routing.tokens_per_sample, routing.n_slots, routing.n_chosen, n_cols, scaling,
@@ -549,7 +550,7 @@ def _expert_grad(u: torch.Tensor, m: torch.Tensor, routing: _Routing, scaling: f
         out.copy_(partial.sum(0))
         return out
     table = routing.idx.reshape(-1)  # (n_samples * k,) expert of each (sample, slot) partial row
-    _scatter_slots_kernel[(n_experts, triton.cdiv(n_cols, block_c))](
+    _scatter_slots_kernel[(n_experts, _cdiv(n_cols, block_c))](
         partial, table, out, out.stride(0), out.stride(1), table.numel(), n_cols, BLOCK_P=16, BLOCK_C=block_c
     )
     return out
@@ -569,13 +570,12 @@ def choose_variant(n_experts: int, k: int, tokens_per_sample: int) -> str:
 # ---- registered ops ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rank1::triton_pool_linear_fwd", mutates_args=())
-def triton_pool_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
-    idx: torch.Tensor, gates: torch.Tensor, scaling: float, tokens_per_sample: int, lora_input: Optional[torch.Tensor],
-    variant: str, shrink: str,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Returns y (n_rows, d_out) and the ungated rank activations u (n_rows, k or r) in fp32, kept for backward."""
+# Each op's body is a plain function: the registered op (what torch.compile traces) and the eager autograd.Function
+# (`_EagerPoolLinear`, which skips the dispatcher's overhead) both call it.
+
+
+def _forward(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant, shrink):
+    """y (n_rows, d_out) and the ungated rank activations u (n_rows, k or r) in fp32, kept for backward."""
     (n_rows, d_in), d_out, n_experts = x.shape, weight.shape[0], A.shape[0]
     routing = _Routing(idx, gates, n_experts, n_rows, tokens_per_sample, variant)
     if n_rows == 0:
@@ -588,18 +588,24 @@ def triton_pool_linear_fwd(
     return y, u
 
 
+@torch.library.custom_op("rank1::triton_pool_linear_fwd", mutates_args=())
+def triton_pool_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
+    idx: torch.Tensor, gates: torch.Tensor, scaling: float, tokens_per_sample: int, lora_input: Optional[torch.Tensor],
+    variant: str, shrink: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Returns y (n_rows, d_out) and the ungated rank activations u (n_rows, k or r) in fp32, kept for backward."""
+    return _forward(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant, shrink)
+
+
 @triton_pool_linear_fwd.register_fake
 def _(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant, shrink):
     n_slots = idx.shape[1] if variant == "gather" else A.shape[0]
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], n_slots, dtype=torch.float32)
 
 
-@torch.library.custom_op("rank1::triton_pool_linear_bwd", mutates_args=())
-def triton_pool_linear_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
-    gates: torch.Tensor, scaling: float, tokens_per_sample: int, lora_input: Optional[torch.Tensor], u: torch.Tensor,
-    variant: str, shrink: str, need_x: bool, need_lora_input: bool, need_A: bool, need_B: bool, need_gates: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _backward_kernels(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_sample, lora_input, u, variant, shrink,
+                      need_x, need_lora_input, need_A, need_B, need_gates):  # fmt: skip
     """Gradients (dx, dlora_input, dA, dB, dgates); each one not asked for is an empty tensor. With lora_input None
     the rank path's input gradient is part of dx."""
     (n_rows, d_in), d_out, n_experts = x.shape, weight.shape[0], A.shape[0]
@@ -635,12 +641,24 @@ def triton_pool_linear_bwd(
         _expert_grad(u, grad_y, routing, scaling, n_experts, grad_B.t())
     if need_gates:
         block_k = _block(routing.n_chosen, 64)
-        _gate_grad_kernel[(idx.shape[0], triton.cdiv(routing.n_chosen, block_k))](
+        _gate_grad_kernel[(idx.shape[0], _cdiv(routing.n_chosen, block_k))](
             u, u.stride(0), grad_u, grad_u.stride(0), idx, idx.stride(0), idx.stride(1), grad_gates,
             grad_gates.stride(0), grad_gates.stride(1), tokens_per_sample, routing.n_chosen, scaling,
             DENSE_SLOTS=routing.dense_slots, BLOCK_M=_block(tokens_per_sample, 64), BLOCK_K=block_k,
         )  # fmt: skip
     return grad_x, grad_lora_input, grad_A, grad_B, grad_gates
+
+
+@torch.library.custom_op("rank1::triton_pool_linear_bwd", mutates_args=())
+def triton_pool_linear_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
+    gates: torch.Tensor, scaling: float, tokens_per_sample: int, lora_input: Optional[torch.Tensor], u: torch.Tensor,
+    variant: str, shrink: str, need_x: bool, need_lora_input: bool, need_A: bool, need_B: bool, need_gates: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (dx, dlora_input, dA, dB, dgates); each one not asked for is an empty tensor. With lora_input None
+    the rank path's input gradient is part of dx."""
+    return _backward_kernels(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_sample, lora_input, u, variant,
+                             shrink, need_x, need_lora_input, need_A, need_B, need_gates)  # fmt: skip
 
 
 @triton_pool_linear_bwd.register_fake
@@ -659,12 +677,14 @@ def _setup_context(ctx, inputs, output):
     ctx.has_lora_input = lora_input is not None
 
 
-def _backward(ctx, grad_y, grad_u):
+def _gradients(ctx, grad_y, backward_kernels):
+    """The forward inputs' gradients (None where not needed), computed by `backward_kernels` (the registered
+    backward op, or its body in eager mode)."""
     x, weight, A, B, idx, gates, lora_input, u = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if needs[1] or needs[2]:
         raise RuntimeError(frozen_base_message("Triton"))
-    grads = torch.ops.rank1.triton_pool_linear_bwd(
+    grads = backward_kernels(
         grad_y, x, weight, A, B, idx, gates, ctx.scaling, ctx.tokens_per_sample, lora_input, u, ctx.variant,
         ctx.shrink, needs[0], ctx.has_lora_input and needs[9], needs[3], needs[4], needs[6],
     )  # fmt: skip
@@ -674,7 +694,27 @@ def _backward(ctx, grad_y, grad_u):
     return grad_x, None, None, grad_A, grad_B, None, grad_gates, None, None, grad_lora_input, None, None
 
 
+def _backward(ctx, grad_y, grad_u):
+    return _gradients(ctx, grad_y, torch.ops.rank1.triton_pool_linear_bwd)
+
+
 triton_pool_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPoolLinear(torch.autograd.Function):
+    """The registered ops' bodies called directly: the same kernels, arguments and saved tensors, without the
+    dispatcher's per-call work (defaults, schema, redispatch: tens of microseconds of host time per layer and
+    direction, more than the kernels' GPU time at ViT-B/16 shapes). torch.compile traces the registered op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, u = _forward(*inputs)
+        _setup_context(ctx, inputs, (y, u))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, _backward_kernels)
 
 
 # ---- functional ----------------------------------------------------------------------------------------------------
@@ -696,12 +736,16 @@ def triton_pool_linear(
         raise ValueError(f"variant={variant!r} is not supported; expected 'auto', 'gather' or 'mask'")
     if shrink not in ("auto", *SHRINKS):
         raise ValueError(f"shrink={shrink!r} is not supported; expected 'auto', 'fused' or 'separate'")
-    y, _ = torch.ops.rank1.triton_pool_linear_fwd(
-        x, weight, bias, A, B, idx, gates, float(scaling), tokens_per_sample, lora_input, variant, shrink
-    )
-    return y
+    inputs = (x, weight, bias, A, B, idx, gates, float(scaling), tokens_per_sample, lora_input, variant, shrink)
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.rank1.triton_pool_linear_fwd(*inputs)
+        return y
+    return _EagerPoolLinear.apply(*inputs)
+
+
+_INTERPRETED = type(_fused_linear_kernel).__name__ == "InterpretedFunction"
 
 
 def is_interpreted() -> bool:
     """Whether these kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_fused_linear_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED

@@ -112,3 +112,18 @@ def test_non_finite_routing_scores_on_gpu_are_checked_when_asked():
             layer(x)
     finally:
         set_device_sync_checks(False)
+
+
+@pytest.mark.gpu
+def test_expert_indices_out_of_range_on_gpu_are_checked_when_asked():
+    from rank1_kernels import set_device_sync_checks
+
+    x, weight = torch.randn(4, 8, device="cuda"), torch.randn(5, 8, device="cuda")
+    A, B, gates = torch.randn(6, 8, device="cuda"), torch.randn(5, 6, device="cuda"), torch.ones(2, 3, device="cuda")
+    idx = torch.full((2, 3), 6, dtype=torch.int64, device="cuda")
+    set_device_sync_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"idx holds expert 6, outside \[0, r=6\)"):
+            rank1_pool_linear(x, weight, None, A, B, idx, gates, 1.0, 2)
+    finally:
+        set_device_sync_checks(False)

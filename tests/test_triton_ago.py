@@ -16,6 +16,8 @@ from rank1_kernels.triton_ago import triton_ago_grouped
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (d_out, r_cur, r_prev) per layer: odd and prime sizes, size 1, a layer with no history, more columns than a tile.
 CPU_LAYERS = [(17, 5, 3), (1, 1, 1), (37, 7, 0), (3, 12, 40), (23, 13, 8)]
+# Layers sharing r and m, as a model's pools do: packed by stacking rows (one cat), not one flatten per layer.
+SHARED_COLUMN_LAYERS = [(17, 5, 3), (1, 5, 3), (37, 5, 3), (4, 5, 3)]
 
 
 def _device() -> torch.device:
@@ -41,9 +43,10 @@ def _losses_and_grads(fn, B_curs, B_prevs, cur_masks, prev_masks, p, dtype, weig
     return losses, grads
 
 
+@pytest.mark.parametrize("shapes", [CPU_LAYERS, SHARED_COLUMN_LAYERS], ids=["mixed", "shared-columns"])
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_losses_and_gradients_match_reference(dtype, p, shapes=CPU_LAYERS, seed=0):
+def test_losses_and_gradients_match_reference(dtype, p, shapes, seed=0):
     B_curs, B_prevs, cur_masks, prev_masks = _layers(shapes, _device(), seed)
     rounded = ([b.to(dtype).double() for b in B_curs], [b.to(dtype).double() for b in B_prevs])
     # Distinct upstream weights per layer check that each layer's gradient uses its own loss's gradient.
@@ -122,6 +125,34 @@ def test_opcheck():
     backward_args = (torch.ones(2, device=cur_flat.device), cur_flat.detach(), prev_flat.detach(), cur_mask_flat,
                      prev_mask_flat, table, dphi, 3, 5, True, True)  # fmt: skip
     torch.library.opcheck(torch.ops.rank1.triton_ago_gram_bwd.default, backward_args)
+
+
+def test_eager_function_and_registered_op_compute_the_same_bits(monkeypatch):
+    """Eager mode runs the ops' bodies through `_EagerAgoGram` (no dispatcher); torch.compile traces the registered
+    ops. Both must give the same losses and gradients, bit for bit."""
+    B_curs, B_prevs, cur_masks, prev_masks = _layers(CPU_LAYERS, _device(), seed=8)
+
+    def losses_and_grads():
+        curs = [b.float().requires_grad_() for b in B_curs]
+        prevs = [b.float().requires_grad_() for b in B_prevs]
+        losses = ago_loss_grouped(curs, prevs, cur_masks, prev_masks, p=1, backend="triton")
+        weights = torch.arange(1.0, len(curs) + 1, device=losses.device)  # a different upstream gradient per layer
+        return losses, torch.autograd.grad((losses * weights).sum(), [*curs, *prevs])
+
+    eager_losses, eager_grads = losses_and_grads()
+    assert type(eager_losses.grad_fn).__name__ == "_EagerAgoGramBackward"
+
+    class ThroughRegisteredOp:
+        @staticmethod
+        def apply(*inputs):
+            return torch.ops.rank1.triton_ago_gram_fwd(*inputs)[0]
+
+    monkeypatch.setattr(triton_ago, "_EagerAgoGram", ThroughRegisteredOp)
+    op_losses, op_grads = losses_and_grads()
+    assert type(op_losses.grad_fn).__name__ != "_EagerAgoGramBackward"
+    assert torch.equal(eager_losses, op_losses)
+    for eager_grad, op_grad in zip(eager_grads, op_grads):
+        assert torch.equal(eager_grad, op_grad)
 
 
 def _compile_matches_eager(device):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -18,6 +19,8 @@ import triton.language as tl
 from _tolerance import assert_close_by_rule
 
 from rank1_kernels import FusedRank1PoolLinear, rank1_pool_linear, rank1_pool_linear_ref, resolve_backend
+from rank1_kernels import pool_linear as pool_linear_module
+from rank1_kernels import routing as routing_module
 from rank1_kernels import triton_pool_linear as triton_pool_linear_module
 from rank1_kernels.triton_pool_linear import (
     SHRINKS,
@@ -328,6 +331,106 @@ def test_opcheck(variant, shrink):
     torch.library.opcheck(torch.ops.rank1.triton_pool_linear_bwd.default, backward_args)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eager_function_and_registered_op_compute_the_same_bits(variant):
+    """Eager mode runs the ops' bodies through `_EagerPoolLinear` (no dispatcher); torch.compile traces the
+    registered ops. Both must give the same output and gradients, bit for bit."""
+    inputs = _inputs(3, 5, 7, 6, 9, 3, True, True, _device(), seed=29)
+    grad_y = torch.randn(15, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(_device())
+
+    def registered(*args):
+        return torch.ops.rank1.triton_pool_linear_fwd(*args, variant, "auto")[0]
+
+    def eager(*args):
+        y = triton_pool_linear(*args, variant=variant)
+        assert type(y.grad_fn).__name__ == "_EagerPoolLinearBackward"
+        return y
+
+    (y_op, grads_op), (y_eager, grads_eager) = (_run(fn, inputs, torch.float32, grad_y, 0.5, 5)
+                                                for fn in (registered, eager))  # fmt: skip
+    assert torch.equal(y_op, y_eager)
+    for name, grad_op, grad_eager in zip(GRAD_NAMES, grads_op, grads_eager):
+        assert torch.equal(grad_op, grad_eager), name
+
+
+def test_constant_gates_are_shared_read_only_ones_that_survive_inference_mode():
+    """gate="none" gates are expanded views of one cached tensor of ones (no fill launch per layer call). First made
+    under inference_mode, they must still serve a training step (the kernels save gates for backward, which an
+    inference tensor refuses); an in-place write to them must raise rather than change every layer's gates."""
+    routing_module._ONES.clear()
+    layer = FusedRank1PoolLinear(8, 5, r=6, k=3, backend="triton")
+    x = torch.randn(2, 4, 8, device=_device())
+    layer.to(x.device)
+    with torch.inference_mode():
+        layer.eval()(x)
+    assert routing_module._ONES, "the cache was not used"
+    layer.train()(x.requires_grad_()).square().sum().backward()
+    assert x.grad is not None and layer.lora_A.grad is not None
+    _, gates = routing_module.route(x[:, 0].detach(), layer.router.weight, layer.router.bias, 3)
+    assert torch.equal(gates, torch.ones(2, 3, device=x.device)) and gates.stride() == (0, 0)
+    with pytest.raises(RuntimeError, match="more than one element"):
+        gates.mul_(2)
+
+
+# ---- host side: what one layer call launches -----------------------------------------------------------------------
+
+# Torch ops that launch no device work: views, metadata and uninitialised allocations.
+_NO_LAUNCH = {"view", "_unsafe_view", "t", "transpose", "select", "slice", "expand", "detach", "as_strided", "reshape",
+              "empty", "empty_like", "new_empty", "empty_strided", "alias", "unsqueeze", "squeeze", "promote_types"}  # fmt: skip
+_KERNELS = ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel", "_gate_grad_kernel",
+            "_scatter_slots_kernel")  # fmt: skip
+
+
+class _DeviceWork(TorchDispatchMode):
+    """Records the name of every torch op that launches device work and of every Triton kernel launched (the
+    kernels are replaced by recorders: only the host side runs)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.launches: list[str] = []
+        for name in _KERNELS:
+            monkeypatch.setattr(triton_pool_linear_module, name, _LaunchRecorder(name, self.launches))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _NO_LAUNCH:
+            self.launches.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class _LaunchRecorder:
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+@pytest.mark.parametrize("r,variant", [(64, "gather"), (12, "mask")])
+def test_launches_per_layer_call(monkeypatch, r, variant):
+    """In eager mode every launch costs host time, more than the kernels' GPU time at ViT-B/16 shapes, so this pins
+    them. A training forward (gate "none") is the router's GEMM, the top-k sort and its copy, the activation-count
+    update and one fused kernel: no fill for constant gates or count increments. The backward is kernels only (no
+    memset, no copy of idx). The checks that read values back (finite routing scores, expert range; on a GPU only
+    when asked for) are off here, as on a GPU by default."""
+    monkeypatch.setattr(routing_module, "check_finite_scores", lambda scores: None)
+    monkeypatch.setattr(pool_linear_module, "check_expert_range", lambda idx, n_experts: None)
+    layer = FusedRank1PoolLinear(6, 4, r=r, k=3, backend="triton").train()
+    x = torch.randn(3, 20, 6, requires_grad=True)
+    assert choose_variant(r, 3, 20) == variant and choose_shrink(3 if variant == "gather" else r, 4, 6, 20, 60,
+                                                                 torch.float32) == "fused"  # fmt: skip
+    layer(x)  # the first call fills the caches (constant ones, launch plans)
+    with _DeviceWork(monkeypatch) as work:
+        y = layer(x)
+    assert sorted(work.launches) == sorted(["addmm", "sort", "clone", "index_add_", "_fused_linear_kernel"])
+    grad_y = torch.ones_like(y)
+    with _DeviceWork(monkeypatch) as work:
+        torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), grad_y)
+    # dx and dy B_S in one fused launch; dA and dB each a per-group outer product, then per-expert sums.
+    per_expert = ["_scatter_slots_kernel"] if variant == "gather" else ["sum", "copy_"]
+    expected = ["_fused_linear_kernel"] + 2 * ["_group_outer_kernel", *per_expert]
+    assert sorted(work.launches) == sorted(expected)
+
+
 def _pool_layer(backend, device, dtype=torch.float32):
     torch.manual_seed(11)
     layer = FusedRank1PoolLinear(10, 7, r=6, k=3, gate="softmax", backend=backend, device=device, dtype=dtype)
@@ -411,3 +514,24 @@ def test_auto_picks_triton_on_gpu_and_the_forward_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
     assert torch.equal(captured, expected)
+
+
+@pytest.mark.gpu
+def test_constant_ones_first_needed_inside_a_cuda_graph_capture():
+    """Captured, a fill runs only on replay: the cache of constant ones must not be filled during a capture."""
+    layer = FusedRank1PoolLinear(10, 7, r=6, k=3, backend="triton", device="cuda", dtype=torch.bfloat16).train()
+    x = torch.randn(4, 33, 10, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # so that the output depends on the gates
+        expected = layer(x)  # compiles the kernels outside the capture
+        counts_before = layer.activation_counts.clone()
+        routing_module._ONES.clear()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        assert not routing_module._ONES
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+    assert int((layer.activation_counts - counts_before).sum()) == 4 * 3  # the replay added one per choice
