@@ -178,12 +178,12 @@ class FusedRank1PoolLinear(nn.Module):
                     f"routing_token_index={self.routing_token_index} is outside the {tokens_per_sample} tokens "
                     f"of each sample"
                 )
-            routing_tokens = rows.reshape(n_samples, tokens_per_sample, self.in_features)[:, self.routing_token_index]
+            per_sample = rows.reshape(n_samples, tokens_per_sample, self.in_features)
+            routing_tokens = per_sample.select(1, self.routing_token_index)
         idx, gates = route(routing_tokens, self.router.weight, self.router.bias, self.k, self.routing, self.gate)
-        if self.training:
-            with torch.no_grad():
-                flat = idx.reshape(-1)
-                self.activation_counts.index_add_(0, flat, shared_ones(flat.shape, flat.dtype, flat.device))
+        if self.training:  # integer counts: autograd records nothing here
+            flat = idx.reshape(-1)
+            self.activation_counts.index_add_(0, flat, shared_ones(flat.shape, flat.dtype, flat.device))
         lora_input = self.dropout(rows) if self.training and isinstance(self.dropout, nn.Dropout) else None
         y = rank1_pool_linear(
             rows, self.weight, self.bias, self.lora_A, self.lora_B, idx, gates, self.scaling, tokens_per_sample,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -511,3 +512,16 @@ def test_benchmark_ago(benchmark, method):
         loss_fn = lambda: ago_grouped_mean(B_curs, B_prevs, cur_masks, prev_masks, "reference")  # noqa: E731
     grads = benchmark.pedantic(lambda: torch.autograd.grad(loss_fn(), B_curs), rounds=20, warmup_rounds=3)
     assert len(grads) == 48 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_host_overhead_script_times_every_row(tmp_path):
+    """bench/host_overhead.py (its own process: it enables Triton's interpreter and swaps the kernels for no-ops)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--samples", "5", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    medians = json.loads(out.read_text())["median_us"]
+    rows = [f"pool r={r} {direction}" for r in (12, 64) for direction in ("forward", "forward+backward")]
+    rows += ["nn.Linear forward", "nn.Linear forward+backward", "AGO 144 layers forward+backward"]
+    assert list(medians) == rows and all(value > 0 for value in medians.values())

@@ -1,0 +1,130 @@
+"""Host time of eager calls with the Triton kernels replaced by no-ops, on CPU, without a GPU.
+
+    python -m bench.host_overhead [--samples N] [--json FILE]
+
+In eager mode the host runs each layer's Python, checks, dispatch and torch ops, then launches the kernels; at
+ViT-B/16 shapes that takes longer than the kernels take on an H100, so a step is bound by the host. This times that
+host path alone: the Triton kernels are swapped for no-ops (so neither their work nor Triton's launcher is counted;
+on a GPU, the bench's `events` rows minus its `cuda-graph` rows give the whole host cost). Shapes are tiny, so the
+torch ops that do run (router GEMM, top-k sort, count update) cost their dispatch, as launches do on a GPU. The
+checks that read values back (finite routing scores, expert range) are switched off, as they are on a GPU by
+default. Compare numbers from one machine and one run only (`--json` keeps them).
+
+It must run in its own process: it enables Triton's interpreter (TRITON_INTERPRET=1) before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from rank1_kernels import FusedRank1PoolLinear, ago_loss_grouped  # noqa: E402
+from rank1_kernels import pool_linear, routing, triton_ago, triton_pool_linear  # noqa: E402
+
+KERNELS = {
+    triton_pool_linear: ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel", "_gate_grad_kernel",
+                         "_scatter_slots_kernel"),
+    triton_ago: ("_ago_gram_kernel", "_ago_grad_kernel"),
+}  # fmt: skip
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: `kernel[grid](*args)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels() -> None:
+    for module, names in KERNELS.items():
+        launched = {name for name, obj in vars(module).items()
+                    if name.endswith("_kernel") and type(obj).__name__ == "InterpretedFunction"}  # fmt: skip
+        if launched != set(names):
+            raise SystemExit(f"bench.host_overhead: {module.__name__} launches {sorted(launched)}; update KERNELS")
+        for name in names:
+            setattr(module, name, _NoLaunch())
+    routing.check_finite_scores = lambda scores: None
+    pool_linear.check_expert_range = lambda idx, n_experts: None
+
+
+def median_us(call: Callable[[], object], samples: int, warmup: int = 50) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def measure(samples: int) -> dict[str, float]:
+    """Median microseconds per call: pool layers (mask variant at r = 12, gather at r = 64) and nn.Linear, forward
+    and forward+backward; the grouped AGO loss over 144 layers (ViT-B/16's d_out / 64, so that copies stay small)."""
+    torch.manual_seed(0)
+    results = {}
+    x = torch.randn(3, 20, 16, requires_grad=True)
+    linear = nn.Linear(16, 16).requires_grad_(False)
+    for r in (12, 64):
+        layer = FusedRank1PoolLinear.from_linear(linear, r=r, k=4, backend="triton").train()
+        params = (x, layer.lora_A, layer.lora_B)
+
+        def forward_backward(layer=layer, params=params):
+            y = layer(x)
+            torch.autograd.grad(y, params, torch.ones_like(y))
+
+        results[f"pool r={r} forward"] = median_us(lambda layer=layer: layer(x), samples)
+        results[f"pool r={r} forward+backward"] = median_us(forward_backward, samples)
+
+    def linear_forward_backward():
+        y = linear(x)
+        torch.autograd.grad(y, (x,), torch.ones_like(y))
+
+    results["nn.Linear forward"] = median_us(lambda: linear(x), samples)
+    results["nn.Linear forward+backward"] = median_us(linear_forward_backward, samples)
+
+    g = torch.Generator().manual_seed(0)
+    d_outs = ([12] * 5 + [48] + [8] * 5 + [32]) * 12
+    B_curs = [torch.randn(d, 12, generator=g, requires_grad=True) for d in d_outs]
+    B_prevs = [torch.randn(d, 4, generator=g) for d in d_outs]
+    cur_masks = [torch.rand(12, generator=g) > 0.5 for _ in d_outs]
+    prev_masks = [torch.ones(4, dtype=torch.bool) for _ in d_outs]
+
+    def ago():
+        losses = ago_loss_grouped(B_curs, B_prevs, cur_masks, prev_masks, p=1, backend="triton")
+        torch.autograd.grad(losses.sum(), B_curs)
+
+    results["AGO 144 layers forward+backward"] = median_us(ago, max(samples // 10, 5))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=2000, help="timed calls per row (AGO: a tenth)")
+    parser.add_argument("--json", help="also write the medians to this file")
+    args = parser.parse_args(argv)
+    if args.samples < 1:
+        raise SystemExit(f"--samples {args.samples}: expected a positive number")
+    torch.set_num_threads(1)
+    stub_kernels()
+    results = measure(args.samples)
+    for name, value in results.items():
+        print(f"{name:40s} {value:10.1f} us")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"torch": torch.__version__, "median_us": results}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
