@@ -172,16 +172,18 @@ def step_table(rows: list[dict]) -> list[str]:
     lines, refusals = [], []
     for row in members:
         if row["status"] != "ok":
-            refusals.append(f"  {row['method']} {row['dtype']}: {row['status']}: {row['reason']}")
+            timer = f" ({row.get('timer', '-')})" if row["status"] == "error" else ""  # a refusal holds for all
+            refusals.append(f"  {row['method']} {row['dtype']}{timer}: {row['status']}: {row['reason']}")
             continue
         peak = "-" if row.get("peak_memory_mib") is None else f"{row['peak_memory_mib']:.0f} MiB"
         ratio = f"{row['ratio_to_dense_lora']:.2f}x" if row.get("ratio_to_dense_lora") else "-"
-        lines.append([row["method"], row["dtype"], f"{row['steps_per_s']:.2f}", _fmt_ms(row["median_ms"]), ratio, peak])
+        lines.append([row["method"], row["dtype"], row.get("timer", "-"), f"{row['steps_per_s']:.2f}",
+                      _fmt_ms(row["median_ms"]), ratio, peak])  # fmt: skip
     out.extend(
         "  " + line
-        for line in _aligned(["method", "dtype", "steps/s", "median", "vs dense LoRA", "peak memory"], lines)
+        for line in _aligned(["method", "dtype", "timer", "steps/s", "median", "vs dense LoRA", "peak memory"], lines)
     )
-    out.extend(refusals)
+    out.extend(dict.fromkeys(refusals))
     return out
 
 

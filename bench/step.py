@@ -6,6 +6,10 @@ The model is open_clip's CLIP built from a config (ViT-B-16 by default) with ran
 starts from the same injected model and trains only the adapters (AdamW) on a symmetric image-text
 contrastive loss. The AGO term is left out here (it is timed on its own by `ago_bench`). Inputs (random
 images and token ids) are made before timing and alternate between two batches.
+
+With `cuda_graphs` (gpu preset) each variant is also timed with its whole step (forward, backward, AdamW with
+capturable=True) captured in a CUDA graph: the GPU time alone. An eager step of 144 pool layers is bound by the host
+(docs/TRITON.md, "Host time in eager mode"), so the `events` rows measure mostly Python and launches.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class StepConfig:
     warmup_steps: int = 3
     timed_steps: int = 10
     learning_rate: float = 2e-3
+    cuda_graphs: bool = False
 
 
 def build_clip(config: StepConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, dict]:
@@ -132,48 +137,57 @@ def run_step(
             n_pool_layers=n_pool_layers, r=config.r, k=config.k, routing=config.routing,
             vision_layers=vision["layers"], vision_width=vision["width"], image_size=image_size,
             patch_size=vision["patch_size"], text_layers=text["layers"], text_width=text["width"],
-            context_length=text["context_length"], timer="events" if device.type == "cuda" else "perf_counter",
+            context_length=text["context_length"],
         )  # fmt: skip
+        timers = ["events", "cuda-graph"] if device.type == "cuda" and config.cuda_graphs else ["events"]
+        if device.type != "cuda":
+            timers = ["perf_counter"]
         rows = []
         for variant, refusal in variants.items():
-            log(f"[step] {config.model} {dtype_name} batch {config.batch_size}: {variant}")
-            row = dict(conditions, method=variant)
-            if refusal is not None:
-                rows.append(dict(row, status="refused", reason=refusal))
-                continue
-            try:
-                rows.append(dict(row, **_time_variant(make_variant(base, variant), batches, config, device)))
-            except Exception as exc:  # reported in the table; the other variants still run
-                rows.append(dict(row, status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        dense = next((r["median_ms"] for r in rows if r["method"] == DENSE and r["status"] == "ok"), None)
+            for timer in timers:
+                log(f"[step] {config.model} {dtype_name} batch {config.batch_size}: {variant} ({timer})")
+                row = dict(conditions, method=variant, timer=timer)
+                if refusal is not None:
+                    rows.append(dict(row, status="refused", reason=refusal))
+                    continue
+                try:
+                    model = make_variant(base, variant)
+                    rows.append(dict(row, **_time_variant(model, batches, config, device, timer == "cuda-graph")))
+                except Exception as exc:  # reported in the table; the other variants still run
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    rows.append(dict(row, status="error", reason=reason))
+                finally:
+                    model = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        dense = {r["timer"]: r["median_ms"] for r in rows if r["method"] == DENSE and r["status"] == "ok"}
         for row in rows:
-            row["ratio_to_dense_lora"] = row["median_ms"] / dense if row["status"] == "ok" and dense else None
+            ok = row["status"] == "ok" and row["timer"] in dense
+            row["ratio_to_dense_lora"] = row["median_ms"] / dense[row["timer"]] if ok else None
         del base
         yield from rows
 
 
-def _time_variant(model: nn.Module, batches, config: StepConfig, device: torch.device) -> dict:
+def _time_variant(model: nn.Module, batches, config: StepConfig, device: torch.device, cuda_graph: bool = False
+                  ) -> dict:  # fmt: skip
+    """Time the training step; with cuda_graph, the whole step (AdamW capturable) replayed from CUDA graphs."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-2)
-    losses = []
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-2, capturable=cuda_graph)
 
-    def train_step(i: int):
+    def train_step(i: int) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = contrastive_loss(model, *batches[i])
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
+        return loss.detach()
 
-    train_step(0)
-    first_loss = float(losses[0])
+    first_loss = float(train_step(0))
     timing = TimingConfig(
         warmup=config.warmup_steps, min_samples=config.timed_steps, max_samples=config.timed_steps, target_seconds=0.0
     )
-    measurement = measure(train_step, len(batches), device, timing)
+    measurement = measure(train_step, len(batches), device, timing, cuda_graph=cuda_graph)
     peak = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not cuda_graph:  # a graph's memory is its pool, allocated at capture
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train_step(0)

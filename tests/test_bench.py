@@ -365,7 +365,7 @@ def test_gpu_preset_covers_the_issue_grid():
     assert len({shape.rows for shape in sweeps["tokens"].shapes}) >= 6
     assert len(preset.ago.layer_widths()) == 144
     assert preset.ago.cuda_graphs  # the 50 us target: GPU time with and without the host's launch overhead
-    assert (preset.step.model, preset.step.batch_size) == ("ViT-B-16", 32)
+    assert (preset.step.model, preset.step.batch_size, preset.step.cuda_graphs) == ("ViT-B-16", 32, True)
 
 
 def test_cli_refuses_the_gpu_preset_without_cuda():
@@ -525,3 +525,23 @@ def test_host_overhead_script_times_every_row(tmp_path):
     rows = [f"pool r={r} {direction}" for r in (12, 64) for direction in ("forward", "forward+backward")]
     rows += ["nn.Linear forward", "nn.Linear forward+backward", "AGO 144 layers forward+backward"]
     assert list(medians) == rows and all(value > 0 for value in medians.values())
+
+
+@pytest.mark.gpu
+def test_training_step_captured_whole_in_a_cuda_graph():
+    """The step part's cuda-graph rows: forward, backward and a capturable AdamW replayed from graphs, for every
+    variant whose layers read nothing back to the host."""
+    import dataclasses
+
+    from bench.presets import get_preset
+    from bench.step import DENSE, OFFICIAL, run_step
+
+    config = dataclasses.replace(get_preset("tiny").step, cuda_graphs=True)
+    rows = list(run_step(config, torch.device("cuda"), log=lambda message: None))
+    graphs = {row["method"]: row for row in rows if row["timer"] == "cuda-graph"}
+    events = {row["method"]: row for row in rows if row["timer"] == "events"}
+    assert graphs.keys() == events.keys()
+    for method in (DENSE, OFFICIAL, "pool[reference]", "pool[triton]"):
+        assert graphs[method]["status"] == "ok", graphs[method]["reason"]
+        assert graphs[method]["median_ms"] > 0 and graphs[method]["peak_memory_mib"] is None
+    assert graphs[DENSE]["ratio_to_dense_lora"] == 1.0
