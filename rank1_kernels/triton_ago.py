@@ -224,6 +224,7 @@ class _EagerAgoGram(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, grad_losses):
         return _gradients(ctx, grad_losses, _backward_kernels)
 

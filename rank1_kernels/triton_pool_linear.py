@@ -713,6 +713,7 @@ class _EagerPoolLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, grad_y):
         return _gradients(ctx, grad_y, _backward_kernels)
 

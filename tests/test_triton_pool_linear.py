@@ -353,6 +353,16 @@ def test_eager_function_and_registered_op_compute_the_same_bits(variant):
         assert torch.equal(grad_op, grad_eager), name
 
 
+def test_double_backward_is_refused_not_silently_wrong():
+    """The kernels' gradients carry no graph of their own: differentiating them again must raise."""
+    layer = FusedRank1PoolLinear(6, 4, r=5, k=2, backend="triton").to(_device())
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 6, requires_grad=True, device=_device())
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.sum().backward()
+
 def test_constant_gates_are_shared_read_only_ones_that_survive_inference_mode():
     """gate="none" gates are expanded views of one cached tensor of ones (no fill launch per layer call). First made
     under inference_mode, they must still serve a training step (the kernels save gates for backward, which an
