@@ -20,11 +20,13 @@ Kernels:
     _shrink_kernel        u[row, slot] = in[row] . proj[table[group, slot]]             (rank intermediate, fp32)
     _group_outer_kernel   out[group, slot, :] = sum_rows_of_group (u * gate * scaling)[row, slot] * m[row, :]
     _scatter_slots_kernel out[e, :] = sum over slots p with table[p] == e of partial[p, :]  (fixed order: deterministic)
+                          (both take two problems per launch, split by column block: the backward's dA and dB)
     _gate_grad_kernel     dgates[s, j] = scaling * sum over sample s's rows of u * (dy B_S) at choice j's slot
 `choose_shrink` places the shrink per GEMM launch; with it separate, gather tiles of the GEMM run across samples.
 
 Backward reuses them: dy B_S is a shrink with proj = B^T; dx = dy W + ((dy B_S) * g * s) A_S is the fused kernel with
-W^T and A^T; dA and dB are group outer products scattered to experts. W and bias stay frozen (no dW, no dbias).
+W^T and A^T; dA and dB are group outer products scattered to experts, both in the same two launches. W and bias
+stay frozen (no dW, no dbias).
 The rank products (expand, dA, dB) run on tensor cores without rounding the fp32 intermediate (`_rank_dot`).
 Accumulation is fp32 everywhere, offsets are int64, and the forward reads no value back to the host.
 """
@@ -272,23 +274,18 @@ def _fused_linear_kernel(
 
 
 @triton.jit
-def _group_outer_kernel(
-    u_ptr, stride_u_row,  # (n_rows, n_slots) fp32
-    gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, k) gates of the chosen experts
-    idx_ptr, stride_idx_sample, stride_idx_slot,  # (n_samples, k) int64 chosen experts
-    m_ptr, stride_m_row, stride_m_col,  # (n_rows, n_cols)
-    out_ptr,  # (n_groups, n_slots, n_cols) fp32 contiguous
-    rows_per_group, n_rows, tokens_per_sample, n_slots, n_chosen, n_cols, scaling,
+def _group_outer_tile(
+    u_ptr, stride_u_row, m_ptr, stride_m_row, stride_m_col, out_ptr, n_cols, col_block,
+    gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample, stride_idx_slot,
+    group, slots, slot_ok, rows_per_group, n_rows, tokens_per_sample, n_chosen, n_slots, scaling,
     DENSE_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
     RANK_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    group = tl.program_id(0).to(tl.int64)
-    slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
-    slot_ok = slots < n_slots
-    cols = tl.program_id(2).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """out[group, slot, c] = sum over the group's rows of (u * gate * scaling)[row, slot] m[row, c], for one block of
+    slots and of columns. One program owns a whole group's sum over rows: a fixed order, no atomics."""
+    cols = col_block.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     acc = tl.zeros((BLOCK_SLOTS, BLOCK_C), dtype=tl.float32)
-    # One program owns a whole group's sum over rows: a fixed order, no atomics, the same bits every run.
     for m0 in range(0, rows_per_group, BLOCK_M):
         row_in_group = m0 + tl.arange(0, BLOCK_M)
         rows = group * rows_per_group + row_in_group.to(tl.int64)
@@ -305,6 +302,37 @@ def _group_outer_kernel(
         acc = _rank_dot(tl.trans(hidden), m_tile, acc, RANK_DOT, UPCAST_DOT)
     out_rows = group * n_slots + slots.to(tl.int64)
     tl.store(out_ptr + out_rows[:, None] * n_cols + cols[None, :], acc, mask=slot_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _group_outer_kernel(
+    u_a_ptr, stride_u_a_row, m_a_ptr, stride_m_a_row, stride_m_a_col, out_a_ptr, n_cols_a, n_col_blocks_a,
+    u_b_ptr, stride_u_b_row, m_b_ptr, stride_m_b_row, stride_m_b_col, out_b_ptr, n_cols_b,
+    gate_ptr, stride_gate_sample, stride_gate_slot,  # (n_samples, k) gates of the chosen experts
+    idx_ptr, stride_idx_sample, stride_idx_slot,  # (n_samples, k) int64 chosen experts
+    rows_per_group, n_rows, tokens_per_sample, n_slots, n_chosen, scaling,
+    DENSE_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
+    RANK_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Two problems in one launch (the backward's dA and dB partials): u (n_rows, n_slots) fp32, m (n_rows, n_cols),
+    out (n_groups, n_slots, n_cols) fp32 contiguous each. Column blocks [0, n_col_blocks_a) are problem a's, the rest
+    problem b's (a launch for one problem passes it as both, with every column block a's). Each branch calls the
+    tile with its own arguments, so the JIT may specialize a's and b's strides differently."""
+    group = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
+    slot_ok = slots < n_slots
+    col_block = tl.program_id(2)
+    if col_block < n_col_blocks_a:
+        _group_outer_tile(u_a_ptr, stride_u_a_row, m_a_ptr, stride_m_a_row, stride_m_a_col, out_a_ptr, n_cols_a,
+                          col_block, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr, stride_idx_sample,
+                          stride_idx_slot, group, slots, slot_ok, rows_per_group, n_rows, tokens_per_sample, n_chosen,
+                          n_slots, scaling, DENSE_SLOTS, BLOCK_M, BLOCK_SLOTS, BLOCK_C, RANK_DOT, UPCAST_DOT)
+    else:
+        _group_outer_tile(u_b_ptr, stride_u_b_row, m_b_ptr, stride_m_b_row, stride_m_b_col, out_b_ptr, n_cols_b,
+                          col_block - n_col_blocks_a, gate_ptr, stride_gate_sample, stride_gate_slot, idx_ptr,
+                          stride_idx_sample, stride_idx_slot, group, slots, slot_ok, rows_per_group, n_rows,
+                          tokens_per_sample, n_chosen, n_slots, scaling, DENSE_SLOTS, BLOCK_M, BLOCK_SLOTS, BLOCK_C,
+                          RANK_DOT, UPCAST_DOT)  # fmt: skip
 
 
 @triton.jit
@@ -338,25 +366,47 @@ def _gate_grad_kernel(
 
 
 @triton.jit
-def _scatter_slots_kernel(
-    partial_ptr,  # (n_pairs, n_cols) fp32 contiguous: one row per (group, slot)
-    table_ptr,  # (n_pairs,) int64 expert of each row
-    out_ptr, stride_out_expert, stride_out_col,  # (r, n_cols) view of the result
-    n_pairs, n_cols,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+def _scatter_slots_tile(
+    partial_ptr, out_ptr, stride_out_expert, stride_out_col, n_cols, col_block, table_ptr, expert, n_pairs, n_slots,
+    DENSE_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    expert = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """out[expert, cols] = the sum, in pair order, of the partial rows whose pair holds `expert`."""
+    cols = col_block.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for p0 in range(0, n_pairs, BLOCK_P):
-        pairs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
-        hit = (tl.load(table_ptr + pairs, mask=pairs < n_pairs, other=-1) == expert) & (pairs < n_pairs)
-        values = tl.load(partial_ptr + pairs[:, None] * n_cols + cols[None, :], mask=hit[:, None] & col_ok[None, :],
-                         other=0.0)  # fmt: skip
-        acc += tl.sum(values, axis=0)
+    if DENSE_SLOTS:  # pair (group, slot) holds expert `slot`: the expert's row of every group, in group order
+        for group in range(0, n_pairs // n_slots):
+            acc += tl.load(partial_ptr + (group * n_slots + expert) * n_cols + cols, mask=col_ok, other=0.0)
+    else:
+        for p0 in range(0, n_pairs, BLOCK_P):
+            pairs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+            hit = (tl.load(table_ptr + pairs, mask=pairs < n_pairs, other=-1) == expert) & (pairs < n_pairs)
+            values = tl.load(partial_ptr + pairs[:, None] * n_cols + cols[None, :],
+                             mask=hit[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+            acc += tl.sum(values, axis=0)
     out = out_ptr + expert * stride_out_expert + cols * stride_out_col
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _scatter_slots_kernel(
+    partial_a_ptr, out_a_ptr, stride_out_a_expert, stride_out_a_col, n_cols_a, n_col_blocks_a,
+    partial_b_ptr, out_b_ptr, stride_out_b_expert, stride_out_b_col, n_cols_b,
+    table_ptr,  # (n_pairs,) int64 expert of each partial row (gather); unused with DENSE_SLOTS
+    n_pairs, n_slots,
+    DENSE_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Per-expert sums of `_group_outer_kernel`'s partials (n_pairs rows of n_cols, one per (group, slot)) into out
+    (r, n_cols) views, for two problems split by column block as there. A fixed order: deterministic."""
+    expert = tl.program_id(0).to(tl.int64)
+    col_block = tl.program_id(1)
+    if col_block < n_col_blocks_a:
+        _scatter_slots_tile(partial_a_ptr, out_a_ptr, stride_out_a_expert, stride_out_a_col, n_cols_a, col_block,
+                            table_ptr, expert, n_pairs, n_slots, DENSE_SLOTS, BLOCK_P, BLOCK_C)  # fmt: skip
+    else:
+        _scatter_slots_tile(partial_b_ptr, out_b_ptr, stride_out_b_expert, stride_out_b_col, n_cols_b,
+                            col_block - n_col_blocks_a, table_ptr, expert, n_pairs, n_slots, DENSE_SLOTS, BLOCK_P,
+                            BLOCK_C)  # fmt: skip
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -528,32 +578,37 @@ _MASK_ROW_CHUNK = 128
 _MASK_MAX_CHUNKS = 16
 
 
-def _expert_grad(u: torch.Tensor, m: torch.Tensor, routing: _Routing, scaling: float, n_experts: int,
-                 out: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """out[e, c] (out: (r, n_cols), any strides) = sum over rows and slots choosing e of (u * gates * scaling) m."""
-    n_rows, n_cols = m.shape
+def _expert_grads(problems: list, routing: _Routing, scaling: float, n_experts: int) -> None:
+    """For each (u, m, out) of one or two problems (the backward's dA and dB), out (r, n_cols, any strides) gets
+    out[e, c] = sum over rows and slots choosing e of (u * gates * scaling)[row, slot] m[row, c]: one launch for the
+    per-group partials of all problems, one for their per-expert sums."""
+    n_rows = problems[0][1].shape[0]
     if routing.variant == "mask":
         rows_per_group = max(_MASK_ROW_CHUNK, _cdiv(n_rows, _MASK_MAX_CHUNKS))
         n_groups = _cdiv(n_rows, rows_per_group)
     else:
         rows_per_group, n_groups = routing.rows_per_group, routing.n_groups
-    partial = torch.empty(n_groups, routing.n_slots, n_cols, device=m.device, dtype=torch.float32)
-    block_slots, block_c = _block(routing.n_slots, 32), _block(n_cols, 64)
-    grid = (n_groups, _cdiv(routing.n_slots, block_slots), _cdiv(n_cols, block_c))
-    _group_outer_kernel[grid](
-        u, u.stride(0), *routing.kernel_args(), m, m.stride(0), m.stride(1),
-        partial, rows_per_group, n_rows, routing.tokens_per_sample, routing.n_slots, routing.n_chosen, n_cols, scaling,
+    block_slots, block_c = _block(routing.n_slots, 32), _block(max(m.shape[1] for _, m, _ in problems), 64)
+    partials = [torch.empty(n_groups, routing.n_slots, m.shape[1], device=m.device, dtype=torch.float32)
+                for _, m, _ in problems]  # fmt: skip
+    col_blocks = [_cdiv(m.shape[1], block_c) for _, m, _ in problems]
+    (u_a, m_a, out_a), (u_b, m_b, out_b) = problems[0], problems[-1]  # one problem: b is a, never reached
+    partial_a, partial_b = partials[0], partials[-1]
+    _group_outer_kernel[(n_groups, _cdiv(routing.n_slots, block_slots), sum(col_blocks))](
+        u_a, u_a.stride(0), m_a, m_a.stride(0), m_a.stride(1), partial_a, m_a.shape[1], col_blocks[0],
+        u_b, u_b.stride(0), m_b, m_b.stride(0), m_b.stride(1), partial_b, m_b.shape[1], *routing.kernel_args(),
+        rows_per_group, n_rows, routing.tokens_per_sample, routing.n_slots, routing.n_chosen, scaling,
         DENSE_SLOTS=routing.dense_slots, BLOCK_M=_block(rows_per_group, 32), BLOCK_SLOTS=block_slots, BLOCK_C=block_c,
-        RANK_DOT=_RANK_DOT[m.dtype], UPCAST_DOT=_dot_config(m.dtype)["UPCAST_DOT"],
+        RANK_DOT=_RANK_DOT[m_a.dtype], UPCAST_DOT=_dot_config(m_a.dtype)["UPCAST_DOT"],
     )  # fmt: skip
-    if routing.variant == "mask":  # the slots are the experts in order: sum the row chunks
-        out.copy_(partial.sum(0))
-        return out
-    table = routing.idx.reshape(-1)  # (n_samples * k,) expert of each (sample, slot) partial row
-    _scatter_slots_kernel[(n_experts, _cdiv(n_cols, block_c))](
-        partial, table, out, out.stride(0), out.stride(1), table.numel(), n_cols, BLOCK_P=16, BLOCK_C=block_c
-    )
-    return out
+    # The mask variant's pairs are (row chunk, expert); the gather variant's (sample, choice), expert idx[sample, j].
+    table = routing.idx.reshape(-1)
+    _scatter_slots_kernel[(n_experts, sum(col_blocks))](
+        partial_a, out_a, out_a.stride(0), out_a.stride(1), m_a.shape[1], col_blocks[0],
+        partial_b, out_b, out_b.stride(0), out_b.stride(1), m_b.shape[1],
+        table, n_groups * routing.n_slots, routing.n_slots,
+        DENSE_SLOTS=routing.dense_slots, BLOCK_P=16, BLOCK_C=block_c,
+    )  # fmt: skip
 
 
 def choose_variant(n_experts: int, k: int, tokens_per_sample: int) -> str:
@@ -635,10 +690,11 @@ def _backward_kernels(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_s
                                       u=grad_u if rank_input_grad_in_dx else None)  # fmt: skip
     if need_lora_input:
         grad_lora_input, _ = _fused_linear(None, None, None, A.t(), routing, scaling, n_rows, d_in, x.dtype, u=grad_u)
-    if need_A:
-        _expert_grad(grad_u, x if lora_input is None else lora_input, routing, scaling, n_experts, grad_A)
-    if need_B:
-        _expert_grad(u, grad_y, routing, scaling, n_experts, grad_B.t())
+    # dA and dB together: two launches for both.
+    expert_problems = ([(grad_u, x if lora_input is None else lora_input, grad_A)] if need_A else []) + (
+        [(u, grad_y, grad_B.t())] if need_B else [])  # fmt: skip
+    if expert_problems:
+        _expert_grads(expert_problems, routing, scaling, n_experts)
     if need_gates:
         block_k = _block(routing.n_chosen, 64)
         _gate_grad_kernel[(idx.shape[0], _cdiv(routing.n_chosen, block_k))](

@@ -79,15 +79,21 @@ def compile_all(arch: int) -> None:
             compile_for_gpu(tp._fused_linear_kernel, arch, fused_linear_pointers(t),
                             fused_linear_flags(shrink, own_input, dtype, tiles, span=span, dense=dense),
                             num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
-        for dense in (False, True):
-            compile_for_gpu(tp._group_outer_kernel, arch, {"u_ptr": "*fp32", "gate_ptr": t, "idx_ptr": "*i64",
-                            "m_ptr": t, "out_ptr": "*fp32"}, {"DENSE_SLOTS": dense, "BLOCK_M": 32, "BLOCK_SLOTS": 16,
-                            "BLOCK_C": 64, "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]], "UPCAST_DOT": False})  # fmt: skip
+        outer = {"u_a_ptr": "*fp32", "m_a_ptr": t, "out_a_ptr": "*fp32", "u_b_ptr": "*fp32", "m_b_ptr": t,
+                 "out_b_ptr": "*fp32", "gate_ptr": t, "idx_ptr": "*i64"}  # fmt: skip
+        # The two problems' strides specialized alike, and differently (a unit stride becomes a constant for one).
+        for dense, a_row_stride in itertools.product((False, True), ({}, {"stride_m_a_row": 1})):
+            compile_for_gpu(tp._group_outer_kernel, arch, outer, {"DENSE_SLOTS": dense, "BLOCK_M": 32,
+                            "BLOCK_SLOTS": 16, "BLOCK_C": 64, "RANK_DOT": tp._RANK_DOT[DTYPES[dtype]],
+                            "UPCAST_DOT": False, "stride_m_a_col": 1, "stride_m_b_col": 1, **a_row_stride})  # fmt: skip
         for dense in (False, True):
             compile_for_gpu(tp._gate_grad_kernel, arch, {"u_ptr": "*fp32", "grad_u_ptr": "*fp32", "idx_ptr": "*i64",
                             "out_ptr": t}, {"DENSE_SLOTS": dense, "BLOCK_M": 64, "BLOCK_K": 16})  # fmt: skip
-        compile_for_gpu(tp._scatter_slots_kernel, arch, {"partial_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": t},
-                        {"BLOCK_P": 16, "BLOCK_C": 64})  # fmt: skip
+        scatter = {"partial_a_ptr": "*fp32", "out_a_ptr": t, "partial_b_ptr": "*fp32", "out_b_ptr": t,
+                   "table_ptr": "*i64"}  # fmt: skip
+        for dense, b_col_stride in itertools.product((False, True), ({}, {"stride_out_b_col": 1})):
+            compile_for_gpu(tp._scatter_slots_kernel, arch, scatter, {"DENSE_SLOTS": dense, "BLOCK_P": 16,
+                            "BLOCK_C": 64, "stride_out_a_col": 1, **b_col_stride})  # fmt: skip
         masks = {"cur_mask_ptr": "*fp32", "prev_mask_ptr": "*fp32", "table_ptr": "*i64"}
         compile_for_gpu(ta._ago_gram_kernel, arch, {"cur_ptr": t, "prev_ptr": t, "loss_ptr": "*fp32",
                         "dphi_ptr": "*fp32", **masks},
