@@ -1,21 +1,24 @@
-"""Host time of eager calls with the Triton kernels replaced by no-ops, on CPU, without a GPU.
+"""Host time of eager calls of the pool layer and the grouped AGO loss, on CPU, without a GPU.
 
-    python -m bench.host_overhead [--samples N] [--json FILE]
+    python -m bench.host_overhead [--samples N] [--launch-path] [--json FILE]
 
 In eager mode the host runs each layer's Python, checks, dispatch and torch ops, then launches the kernels; at
 ViT-B/16 shapes that takes longer than the kernels take on an H100, so a step is bound by the host. This times that
-host path alone: the Triton kernels are swapped for no-ops (so neither their work nor Triton's launcher is counted;
-on a GPU, the bench's `events` rows minus its `cuda-graph` rows give the whole host cost). Shapes are tiny, so the
-torch ops that do run (router GEMM, top-k sort, count update) cost their dispatch, as launches do on a GPU. The
-checks that read values back (finite routing scores, expert range) are switched off, as they are on a GPU by
-default. Compare numbers from one machine and one run only (`--json` keeps them).
+host path alone. By default the Triton kernels are swapped for no-ops. With --launch-path each kernel call goes
+through Triton's own launch path instead (binding and specializing the arguments, the cache lookup) up to the driver
+launch, for a stand-in sm_90 device; the kernels are compiled for sm_90 on first use (minutes). On a GPU, the bench's
+`events` rows minus its `cuda-graph` rows give the whole host cost.
 
-It must run in its own process: it enables Triton's interpreter (TRITON_INTERPRET=1) before Triton is imported.
+Shapes are tiny, so the torch ops that do run (router GEMM, top-k sort, count update) cost their dispatch, as
+launches do on a GPU. The checks that read values back (finite routing scores, expert range) are switched off, as
+they are on a GPU by default. Compare numbers from one machine and one run only (`--json` keeps them). It must run
+in its own process: it sets TRITON_INTERPRET before Triton is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -23,18 +26,10 @@ import sys
 import time
 from typing import Callable
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from rank1_kernels import FusedRank1PoolLinear, ago_loss_grouped  # noqa: E402
-from rank1_kernels import pool_linear, routing, triton_ago, triton_pool_linear  # noqa: E402
-
 KERNELS = {
-    triton_pool_linear: ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel", "_gate_grad_kernel",
-                         "_scatter_slots_kernel"),
-    triton_ago: ("_ago_gram_kernel", "_ago_grad_kernel"),
+    "rank1_kernels.triton_pool_linear": ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel",
+                                         "_gate_grad_kernel", "_scatter_slots_kernel"),
+    "rank1_kernels.triton_ago": ("_ago_gram_kernel", "_ago_grad_kernel"),
 }  # fmt: skip
 
 
@@ -45,16 +40,51 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def stub_kernels() -> None:
-    for module, names in KERNELS.items():
+class _LaunchPathOnly:
+    """`kernel[grid](*args)` runs Triton's launch path (bind, specialize, look up the compiled kernel) and stops
+    before the driver launch: JITFunction.run with warmup=True."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel.run(*args, grid=grid, warmup=True, **kwargs)
+
+
+class _StandInSm90:
+    """The few calls of Triton's active driver that the launch path makes, for a device that is not here."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def replace_kernels(launch_path: bool) -> None:
+    """Swap every kernel the Triton backend launches (checked against KERNELS) for a no-op or its launch path."""
+    kind = "JITFunction" if launch_path else "InterpretedFunction"
+    for module_name, names in KERNELS.items():
+        module = importlib.import_module(module_name)
         launched = {name for name, obj in vars(module).items()
-                    if name.endswith("_kernel") and type(obj).__name__ == "InterpretedFunction"}  # fmt: skip
+                    if name.endswith("_kernel") and type(obj).__name__ == kind}  # fmt: skip
         if launched != set(names):
-            raise SystemExit(f"bench.host_overhead: {module.__name__} launches {sorted(launched)}; update KERNELS")
+            raise SystemExit(f"bench.host_overhead: {module_name} launches {sorted(launched)}; update KERNELS")
         for name in names:
-            setattr(module, name, _NoLaunch())
-    routing.check_finite_scores = lambda scores: None
-    pool_linear.check_expert_range = lambda idx, n_experts: None
+            setattr(module, name, _LaunchPathOnly(getattr(module, name)) if launch_path else _NoLaunch())
+    if launch_path:
+        from triton.runtime import driver
+
+        driver.set_active(_StandInSm90())
+        # The backend takes CPU tensors only under the interpreter; here they stand in for device tensors.
+        importlib.import_module("rank1_kernels.triton_backend").is_interpreted = lambda: True
+    importlib.import_module("rank1_kernels.routing").check_finite_scores = lambda scores: None
+    importlib.import_module("rank1_kernels.pool_linear").check_expert_range = lambda idx, n_experts: None
 
 
 def median_us(call: Callable[[], object], samples: int, warmup: int = 50) -> float:
@@ -71,6 +101,11 @@ def median_us(call: Callable[[], object], samples: int, warmup: int = 50) -> flo
 def measure(samples: int) -> dict[str, float]:
     """Median microseconds per call: pool layers (mask variant at r = 12, gather at r = 64) and nn.Linear, forward
     and forward+backward; the grouped AGO loss over 144 layers (ViT-B/16's d_out / 64, so that copies stay small)."""
+    import torch
+    import torch.nn as nn
+
+    from rank1_kernels import FusedRank1PoolLinear, ago_loss_grouped
+
     torch.manual_seed(0)
     results = {}
     x = torch.randn(3, 20, 16, requires_grad=True)
@@ -111,18 +146,27 @@ def measure(samples: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=2000, help="timed calls per row (AGO: a tenth)")
+    launch_help = "count Triton's launch path up to the driver (kernels compiled for sm_90 on first use)"
+    parser.add_argument("--launch-path", action="store_true", help=launch_help)
     parser.add_argument("--json", help="also write the medians to this file")
     args = parser.parse_args(argv)
     if args.samples < 1:
         raise SystemExit(f"--samples {args.samples}: expected a positive number")
+    if "triton" in sys.modules:
+        raise SystemExit("bench.host_overhead: Triton was imported already; run it in a process of its own")
+    os.environ["TRITON_INTERPRET"] = "0" if args.launch_path else "1"
+    import torch
+    import triton
+
     torch.set_num_threads(1)
-    stub_kernels()
+    replace_kernels(args.launch_path)
     results = measure(args.samples)
     for name, value in results.items():
         print(f"{name:40s} {value:10.1f} us")
     if args.json:
+        environment = {"torch": torch.__version__, "triton": triton.__version__, "launch_path": args.launch_path}
         with open(args.json, "w") as handle:
-            json.dump({"torch": torch.__version__, "median_us": results}, handle, indent=1)
+            json.dump({**environment, "median_us": results}, handle, indent=1)
     return 0
 
 

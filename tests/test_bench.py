@@ -514,13 +514,17 @@ def test_benchmark_ago(benchmark, method):
     assert len(grads) == 48 and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_host_overhead_script_times_every_row(tmp_path):
-    """bench/host_overhead.py (its own process: it enables Triton's interpreter and swaps the kernels for no-ops)."""
+@pytest.mark.parametrize("launch_path", [False, True], ids=["no-op kernels", "launch path"])
+def test_host_overhead_script_times_every_row(tmp_path, launch_path):
+    """bench/host_overhead.py, in its own process (it sets TRITON_INTERPRET): kernels swapped for no-ops, or run
+    through Triton's launch path for a stand-in sm_90 device (compiled on first use)."""
     pytest.importorskip("triton")
     out = tmp_path / "host.json"
-    result = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--samples", "5", "--json", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, "-m", "bench.host_overhead", "--samples", "5", "--json", str(out)]
+    result = subprocess.run(command + (["--launch-path"] if launch_path else []), cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["launch_path"] == launch_path
     medians = json.loads(out.read_text())["median_us"]
     rows = [f"pool r={r} {direction}" for r in (12, 64) for direction in ("forward", "forward+backward")]
     rows += ["nn.Linear forward", "nn.Linear forward+backward", "AGO 144 layers forward+backward"]
