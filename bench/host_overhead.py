@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 KERNELS = {
     "rank1_kernels.triton_pool_linear": ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel",
@@ -102,7 +102,7 @@ def measure(samples: int) -> dict[str, float]:
     """Median microseconds per call: pool layers (mask variant at r = 12, gather at r = 64) and nn.Linear, forward
     and forward+backward; the grouped AGO loss over 144 layers (ViT-B/16's d_out / 64, so that copies stay small)."""
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     from rank1_kernels import FusedRank1PoolLinear, ago_loss_grouped
 

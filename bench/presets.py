@@ -91,8 +91,9 @@ def _gpu() -> Preset:
             ),
         ],
         ago=AgoSweep(previous_tasks=[1, 5, 10], dtypes=["fp32", "bf16"], cuda_graphs=True),
-        step=StepConfig(model="ViT-B-16", batch_size=32, dtypes=["bf16"], warmup_steps=5, timed_steps=20,
-                        cuda_graphs=True),  # fmt: skip
+        step=StepConfig(
+            model="ViT-B-16", batch_size=32, dtypes=["bf16"], warmup_steps=5, timed_steps=20, cuda_graphs=True
+        ),
         triton_variants=True,
     )
 

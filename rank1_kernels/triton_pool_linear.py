@@ -375,7 +375,7 @@ def _scatter_slots_tile(
     col_ok = cols < n_cols
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if DENSE_SLOTS:  # pair (group, slot) holds expert `slot`: the expert's row of every group, in group order
-        for group in range(0, n_pairs // n_slots):
+        for group in range(n_pairs // n_slots):
             acc += tl.load(partial_ptr + (group * n_slots + expert) * n_cols + cols, mask=col_ok, other=0.0)
     else:
         for p0 in range(0, n_pairs, BLOCK_P):
