@@ -9,7 +9,7 @@ images and token ids) are made before timing and alternate between two batches.
 
 With `cuda_graphs` (gpu preset) each variant is also timed with its whole step (forward, backward, AdamW with
 capturable=True) captured in a CUDA graph: the GPU time alone. An eager step of 144 pool layers is bound by the host
-(docs/TRITON.md, "Host time in eager mode"), so the `events` rows measure mostly Python and launches.
+(docs/TRITON.md, "Host time in eager mode"), so the `events` rows include the host's time.
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ def run_step(
             patch_size=vision["patch_size"], text_layers=text["layers"], text_width=text["width"],
             context_length=text["context_length"],
         )  # fmt: skip
-        timers = ["events", "cuda-graph"] if device.type == "cuda" and config.cuda_graphs else ["events"]
-        if device.type != "cuda":
+        if device.type == "cuda":
+            timers = ["events", "cuda-graph"] if config.cuda_graphs else ["events"]
+        else:
             timers = ["perf_counter"]
         rows = []
         for variant, refusal in variants.items():
@@ -157,7 +158,7 @@ def run_step(
                     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     rows.append(dict(row, status="error", reason=reason))
                 finally:
-                    model = None
+                    model = None  # its memory (and a captured graph's pool) goes before the next variant's
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         dense = {r["timer"]: r["median_ms"] for r in rows if r["method"] == DENSE and r["status"] == "ok"}

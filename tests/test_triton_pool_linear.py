@@ -371,6 +371,7 @@ def test_one_expert_gradient_alone(variant, wanted):
     reference, oracle = grad_of(rank1_pool_linear_ref, torch.float32), grad_of(rank1_pool_linear_ref, torch.float64)
     assert_close_by_rule(actual, reference, oracle, f"{variant}: d{wanted} alone")
 
+
 def test_double_backward_is_refused_not_silently_wrong():
     """The kernels' gradients carry no graph of their own: differentiating them again must raise."""
     layer = FusedRank1PoolLinear(6, 4, r=5, k=2, backend="triton").to(_device())
@@ -380,6 +381,7 @@ def test_double_backward_is_refused_not_silently_wrong():
     (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_x.sum().backward()
+
 
 def test_constant_gates_are_shared_read_only_ones_that_survive_inference_mode():
     """gate="none" gates are expanded views of one cached tensor of ones (no fill launch per layer call). First made
@@ -403,8 +405,10 @@ def test_constant_gates_are_shared_read_only_ones_that_survive_inference_mode():
 # ---- host side: what one layer call launches -----------------------------------------------------------------------
 
 # Torch ops that launch no device work: views, metadata and uninitialised allocations.
-_NO_LAUNCH = {"view", "_unsafe_view", "t", "transpose", "select", "slice", "expand", "detach", "as_strided", "reshape",
-              "empty", "empty_like", "new_empty", "empty_strided", "alias", "unsqueeze", "squeeze", "promote_types"}  # fmt: skip
+_NO_LAUNCH = set(
+    "view _unsafe_view t transpose select slice expand detach as_strided reshape alias unsqueeze squeeze promote_types "
+    "empty empty_like new_empty empty_strided".split()
+)
 _KERNELS = ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel", "_gate_grad_kernel",
             "_scatter_slots_kernel")  # fmt: skip
 
@@ -435,11 +439,11 @@ class _LaunchRecorder:
 
 @pytest.mark.parametrize("r,variant", [(64, "gather"), (12, "mask")])
 def test_launches_per_layer_call(monkeypatch, r, variant):
-    """In eager mode every launch costs host time, more than the kernels' GPU time at ViT-B/16 shapes, so this pins
-    them. A training forward (gate "none") is the router's GEMM, the top-k sort and its copy, the activation-count
-    update and one fused kernel: no fill for constant gates or count increments. The backward is three kernels (no
-    memset, no copy of idx, dA and dB in the same launches). The checks that read values back (finite routing scores, expert range; on a GPU only
-    when asked for) are off here, as on a GPU by default."""
+    """In eager mode every launch costs host time (docs/TRITON.md, "Host time in eager mode"), so this pins them. A
+    training forward (gate "none") is the router's GEMM, the top-k sort and its copy, the activation-count update and
+    one fused kernel: no fill for constant gates or count increments. The backward is three kernels: no memset, no
+    copy of idx, dA and dB in the same launches. The checks that read values back (finite routing scores, expert
+    range) are off here, as they are on a GPU by default."""
     monkeypatch.setattr(routing_module, "check_finite_scores", lambda scores: None)
     monkeypatch.setattr(pool_linear_module, "check_expert_range", lambda idx, n_experts: None)
     layer = FusedRank1PoolLinear(6, 4, r=r, k=3, backend="triton").train()
