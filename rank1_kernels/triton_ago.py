@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import call, eager_function
 from ._launch import block as _block
 from ._launch import cdiv as _cdiv
 
@@ -114,7 +115,7 @@ def _ago_grad_kernel(
 
 
 # Each op's body is a plain function: the registered op (what torch.compile traces) and the eager autograd.Function
-# (`_EagerAgoGram`, which skips the dispatcher's overhead) both call it.
+# (`_EagerAgoGram`, which skips the dispatcher's overhead: rank1_kernels/_eager.py) both call it.
 
 
 def _forward(cur_flat, prev_flat, cur_mask_flat, prev_mask_flat, table, p, gram_numel, max_cols, max_rows):
@@ -213,20 +214,7 @@ def _backward(ctx, grad_losses, grad_dphi):
 triton_ago_gram_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAgoGram(torch.autograd.Function):
-    """The registered ops' bodies called directly, without the dispatcher's per-call work (eager mode; torch.compile
-    traces the registered op). Same kernels, arguments and saved tensors."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        losses, dphi = _forward(*inputs)
-        _setup_context(ctx, inputs, (losses, dphi))
-        return losses
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable again
-    def backward(ctx, grad_losses):
-        return _gradients(ctx, grad_losses, _backward_kernels)
+_EagerAgoGram = eager_function("_EagerAgoGram", _forward, _setup_context, _gradients, _backward_kernels)
 
 
 # Per-layer tables by (device, layer shapes): after the first call a step reuses its table, so no host-to-device copy
@@ -282,11 +270,7 @@ def triton_ago_grouped(
     # Masks are packed, then cast: two launches, not one cast per layer (288 for CLIP's 144 layers).
     inputs = (_pack(B_curs), _pack(B_prevs), _pack(cur_masks).to(torch.float32), _pack(prev_masks).to(torch.float32),
               table, p, gram_offset, max_cols, max_rows)  # fmt: skip
-    if torch.compiler.is_compiling():
-        losses, _ = torch.ops.rank1.triton_ago_gram_fwd(*inputs)
-    else:
-        losses = _EagerAgoGram.apply(*inputs)
-    return losses.to(dtype)
+    return call(torch.ops.rank1.triton_ago_gram_fwd, _EagerAgoGram, inputs).to(dtype)
 
 
 def ago_refuse_reason(B_curs: Sequence[torch.Tensor], B_prevs: Sequence[torch.Tensor]) -> Optional[str]:

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import call, eager_function
 from ._launch import block as _block
 from ._launch import cdiv as _cdiv
 from .backends import frozen_base_message
@@ -626,7 +627,7 @@ def choose_variant(n_experts: int, k: int, tokens_per_sample: int) -> str:
 
 
 # Each op's body is a plain function: the registered op (what torch.compile traces) and the eager autograd.Function
-# (`_EagerPoolLinear`, which skips the dispatcher's overhead) both call it.
+# (`_EagerPoolLinear`, which skips the dispatcher's overhead: rank1_kernels/_eager.py) both call it.
 
 
 def _forward(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input, variant, shrink):
@@ -757,21 +758,7 @@ def _backward(ctx, grad_y, grad_u):
 triton_pool_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerPoolLinear(torch.autograd.Function):
-    """The registered ops' bodies called directly: the same kernels, arguments and saved tensors, without the
-    dispatcher's per-call work (defaults, schema, redispatch: tens of microseconds of host time per layer and
-    direction, more than the kernels' GPU time at ViT-B/16 shapes). torch.compile traces the registered op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y, u = _forward(*inputs)
-        _setup_context(ctx, inputs, (y, u))
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable again
-    def backward(ctx, grad_y):
-        return _gradients(ctx, grad_y, _backward_kernels)
+_EagerPoolLinear = eager_function("_EagerPoolLinear", _forward, _setup_context, _gradients, _backward_kernels)
 
 
 # ---- functional ----------------------------------------------------------------------------------------------------
@@ -794,10 +781,7 @@ def triton_pool_linear(
     if shrink not in ("auto", *SHRINKS):
         raise ValueError(f"shrink={shrink!r} is not supported; expected 'auto', 'fused' or 'separate'")
     inputs = (x, weight, bias, A, B, idx, gates, float(scaling), tokens_per_sample, lora_input, variant, shrink)
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.rank1.triton_pool_linear_fwd(*inputs)
-        return y
-    return _EagerPoolLinear.apply(*inputs)
+    return call(torch.ops.rank1.triton_pool_linear_fwd, _EagerPoolLinear, inputs)
 
 
 _INTERPRETED = type(_fused_linear_kernel).__name__ == "InterpretedFunction"
