@@ -405,10 +405,10 @@ def test_constant_gates_are_shared_read_only_ones_that_survive_inference_mode():
 # ---- host side: what one layer call launches -----------------------------------------------------------------------
 
 # Torch ops that launch no device work: views, metadata and uninitialised allocations.
-_NO_LAUNCH = set(
-    "view _unsafe_view t transpose select slice expand detach as_strided reshape alias unsqueeze squeeze promote_types "
-    "empty empty_like new_empty empty_strided".split()
-)
+_NO_LAUNCH = {
+    *("view", "_unsafe_view", "t", "transpose", "select", "slice", "expand", "detach", "as_strided", "reshape"),
+    *("alias", "unsqueeze", "squeeze", "promote_types", "empty", "empty_like", "new_empty", "empty_strided"),
+}
 _KERNELS = ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel", "_gate_grad_kernel",
             "_scatter_slots_kernel")  # fmt: skip
 
