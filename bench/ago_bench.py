@@ -20,7 +20,7 @@ from rank1_kernels import ago_loss_grouped, known_backends
 
 from .baselines import ago_loss_loop
 from .layer import DTYPES, op_refusal
-from .timing import TimeBudget, TimingConfig, measure
+from .timing import BACKWARD_NOT_CAPTURED, TimeBudget, TimingConfig, measure, timers_for
 
 
 @dataclasses.dataclass
@@ -107,9 +107,7 @@ def run_ago(
                     functools.partial(ago_grouped_mean, B_curs, B_prevs, cur_masks, prev_masks, backend),
                     op_refusal(backend, "ago_grouped", [*B_curs, *B_prevs], time_forced_only),
                 )
-            timers = ["events" if device.type == "cuda" else "perf_counter"]
-            if sweep.cuda_graphs and device.type == "cuda":
-                timers.append("cuda-graph")
+            timers = timers_for(device, sweep.cuda_graphs)
             rows = []
             for method, (loss_fn, refusal) in methods.items():
                 steps, prepare = _steps(loss_fn, B_curs)
@@ -122,8 +120,7 @@ def run_ago(
                         rows.append(dict(row, status="refused", reason=refusal))
                         continue
                     if timer == "cuda-graph" and direction == "backward":
-                        rows.append(dict(row, status="skipped", reason="backward alone is not captured: its forward "
-                                         "graph is built outside the capture; see forward+backward"))  # fmt: skip
+                        rows.append(dict(row, status="skipped", reason=BACKWARD_NOT_CAPTURED))
                         continue
                     try:
                         if direction == "backward":

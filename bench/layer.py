@@ -27,7 +27,15 @@ from rank1_kernels.backends import get_backend
 
 from .baselines import DenseLoRALinear, OfficialPoolLinear, make_peft_lora
 from .environment import DevicePeaks
-from .timing import Measurement, TimeBudget, TimingConfig, buffers_to_defeat_cache, measure
+from .timing import (
+    BACKWARD_NOT_CAPTURED,
+    Measurement,
+    TimeBudget,
+    TimingConfig,
+    buffers_to_defeat_cache,
+    measure,
+    timers_for,
+)
 
 DIRECTIONS = ("forward", "backward", "forward+backward")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -215,16 +223,12 @@ class LayerBenchmark:
             rank_for_cost = k if k is not None else (r or 0)
             for direction in sweep.directions:
                 row = dict(base, method=label, backend=backend, r=r, k=k, routing=routing, direction=direction)
-                timers = ["events" if self.device.type == "cuda" else "perf_counter"]
-                if sweep.cuda_graphs and self.device.type == "cuda":
-                    timers.append("cuda-graph")
-                for timer in timers:
+                for timer in timers_for(self.device, sweep.cuda_graphs):
                     result = dict(row, timer=timer)
                     if isinstance(module_or_reason, str):
                         result.update(status="refused", reason=module_or_reason)
                     elif timer == "cuda-graph" and direction == "backward":
-                        result.update(status="skipped", reason="backward alone is not captured: its forward graph "
-                                      "is built outside the capture; see forward+backward")  # fmt: skip
+                        result.update(status="skipped", reason=BACKWARD_NOT_CAPTURED)
                     else:
                         result.update(self._measure(module_or_reason, inputs, grads, direction, timer == "cuda-graph"))
                     if result.get("status") == "ok":

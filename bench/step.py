@@ -27,7 +27,7 @@ from rank1_kernels import PoolConfig, inject, known_backends, pool_layers
 
 from .baselines import DenseLoRALinear, OfficialPoolLinear
 from .layer import DTYPES, backend_refusal
-from .timing import TimeBudget, TimingConfig, measure
+from .timing import TimeBudget, TimingConfig, measure, timers_for
 
 OFFICIAL, DENSE = "official (dense dW)", "dense LoRA"
 
@@ -139,13 +139,9 @@ def run_step(
             patch_size=vision["patch_size"], text_layers=text["layers"], text_width=text["width"],
             context_length=text["context_length"],
         )  # fmt: skip
-        if device.type == "cuda":
-            timers = ["events", "cuda-graph"] if config.cuda_graphs else ["events"]
-        else:
-            timers = ["perf_counter"]
         rows = []
         for variant, refusal in variants.items():
-            for timer in timers:
+            for timer in timers_for(device, config.cuda_graphs):
                 log(f"[step] {config.model} {dtype_name} batch {config.batch_size}: {variant} ({timer})")
                 row = dict(conditions, method=variant, timer=timer)
                 if refusal is not None:

@@ -160,6 +160,19 @@ def buffers_to_defeat_cache(bytes_per_buffer: int, device: torch.device, minimum
     return max(minimum, min(maximum, math.ceil(2 * l2_bytes / max(bytes_per_buffer, 1))))
 
 
+# Why a "backward" row has no cuda-graph time: the forward graph it differentiates is built outside the capture.
+BACKWARD_NOT_CAPTURED = (
+    "backward alone is not captured: its forward graph is built outside the capture; see forward+backward"
+)
+
+
+def timers_for(device: torch.device, cuda_graphs: bool) -> list[str]:
+    """The timers a benchmark runs on `device`: perf_counter on CPU; CUDA events, then CUDA graphs if asked for."""
+    if device.type != "cuda":
+        return ["perf_counter"]
+    return ["events", "cuda-graph"] if cuda_graphs else ["events"]
+
+
 def measure(step: Step, n_buffers: int, device: torch.device, config: TimingConfig, cuda_graph: bool = False):
     """Dispatch to the right timer for the device."""
     if device.type == "cuda":
