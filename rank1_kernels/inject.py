@@ -24,7 +24,7 @@ from .families import (
     TEXT_ROUTING, SplitQKVLinear, find_towers, install_text_routing, is_fused_qkv, remove_text_routing, select_towers,
 )
 from .module import FusedRank1PoolLinear
-from .routing import top_experts
+from .routing import shared_ones, top_experts
 
 # open_clip and OpenAI CLIP residual blocks: the attention (q, k, v, out) and both MLP linears of every block,
 # in both towers: 144 pool layers for ViT-B/16, as in the paper.
@@ -244,14 +244,5 @@ def current_top_masks(layers: Sequence[FusedRank1PoolLinear], top_m: int) -> lis
 
 
 def _all_true_masks(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """An all-true boolean (n_columns,) mask per matrix, as views of one tensor per device (one launch, not one per
-    layer)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for position, matrix in enumerate(matrices):
-        by_device.setdefault(matrix.device, []).append(position)
-    masks: list[torch.Tensor] = [torch.empty(0)] * len(matrices)
-    for device, members in by_device.items():
-        sizes = [matrices[i].shape[1] for i in members]
-        for position, mask in zip(members, torch.ones(sum(sizes), dtype=torch.bool, device=device).split(sizes)):
-            masks[position] = mask
-    return masks
+    """An all-true boolean (n_columns,) mask per matrix: read-only views of one cached element, no launch."""
+    return [shared_ones((matrix.shape[1],), torch.bool, matrix.device) for matrix in matrices]
