@@ -95,7 +95,8 @@ class OfficialPoolLinear(nn.Module):
                 f"OfficialPoolLinear expects 3-D input (batch, tokens, in) or (tokens, batch, in), got {tuple(x.shape)}"
             )
         routing_tokens = x[:, 0] if self.batch_first else x[0]
-        idx, _ = route(routing_tokens, self.router.weight, self.router.bias, self.k, mode="batch", gate="none")
+        idx, _ = route(routing_tokens, self.router.weight, self.router.bias, self.k, mode="batch", gate="none",
+                       backend="reference")  # the released code routes with PyTorch ops
         shared = idx[0]  # (k,): the batch-shared expert set S
         if self.training:
             with torch.no_grad():

@@ -9,8 +9,7 @@ through Triton's own launch path instead (binding and specializing the arguments
 launch, for a stand-in sm_90 device; the kernels are compiled for sm_90 on first use (minutes). On a GPU, the bench's
 `events` rows minus its `cuda-graph` rows give the whole host cost.
 
-Shapes are tiny, so the torch ops that do run (router GEMM, top-k sort, count update) cost their dispatch, as
-launches do on a GPU. The checks that read values back (finite routing scores, expert range) are switched off, as
+Shapes are tiny, so the torch ops that do run cost their dispatch, as launches do on a GPU. The checks that read values back (finite routing scores, expert range) are switched off, as
 they are on a GPU by default. Compare numbers from one machine and one run only (`--json` keeps them). It must run
 in its own process: it sets TRITON_INTERPRET before Triton is imported.
 """
@@ -30,6 +29,7 @@ KERNELS = {
     "rank1_kernels.triton_pool_linear": ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel",
                                          "_gate_grad_kernel", "_scatter_slots_kernel"),
     "rank1_kernels.triton_ago": ("_ago_gram_kernel", "_ago_grad_kernel"),
+    "rank1_kernels.triton_routing": ("_route_kernel",),
 }  # fmt: skip
 
 
@@ -84,6 +84,7 @@ def replace_kernels(launch_path: bool) -> None:
         # The backend takes CPU tensors only under the interpreter; here they stand in for device tensors.
         importlib.import_module("rank1_kernels.triton_backend").is_interpreted = lambda: True
     importlib.import_module("rank1_kernels.routing").check_finite_scores = lambda scores: None
+    importlib.import_module("rank1_kernels.triton_backend")._may_read_back = lambda tensor: False
     importlib.import_module("rank1_kernels.pool_linear").check_expert_range = lambda idx, n_experts: None
 
 

@@ -20,6 +20,15 @@ def check_top_k(k: int, r: int, what: str = "k") -> None:
         raise ValueError(f"{what}={k} is out of range: expected 1 <= {what} <= r={r} (the number of experts)")
 
 
+def check_counts(counts: torch.Tensor, n_experts: int, device: torch.device) -> None:
+    """Activation counts: one int64 per expert, on the routing tokens' device (the routing kernel adds to them)."""
+    if counts.shape != (n_experts,) or counts.dtype != torch.int64 or counts.device != device:
+        raise ValueError(
+            f"counts must be int64 of shape (r={n_experts},) on {device}, got {counts.dtype} {tuple(counts.shape)} "
+            f"on {counts.device}"
+        )
+
+
 def check_same_device_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
     """All floating tensors in `others` must live on the device and have the dtype of `reference`."""
     for name, tensor in others.items():

@@ -3,8 +3,11 @@
 Every backend implements the same ops with the same signatures as the reference:
     pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input) -> y
     ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p) -> (n_layers,) per-layer losses
+and may implement the gate-"none" routing (`rank1_kernels.routing.route_reference`):
+    route(tokens, router_weight, router_bias, k, mode, counts, check_finite) -> idx (n_samples, k)
 `backend="auto"` takes the first backend in priority order that accepts the inputs; a backend forced by name
-that cannot run raises an error naming the reason and the fix. Fast backends register themselves from their
+that cannot run raises an error naming the reason and the fix. Routing is not what a backend is chosen for: where
+the chosen one has no routing kernel or refuses the inputs, the reference routes. Fast backends register themselves from their
 own modules (imported lazily, so a missing Triton or CUDA extension never breaks `import rank1_kernels`).
 """
 
@@ -15,13 +18,16 @@ from typing import Callable, Sequence
 
 import torch
 
-OPS = ("pool_linear", "ago_grouped")
+OPS = ("pool_linear", "ago_grouped", "route")
+# Ops a backend may leave to the reference (a forced backend that does not run them falls back instead of raising).
+OPTIONAL_OPS = ("route",)
 
 
 class Backend:
-    """Base class. Subclasses set `name` and implement the ops they support."""
+    """Base class. Subclasses set `name`, list the optional ops they implement and implement the ops."""
 
     name: str = ""
+    optional_ops: tuple[str, ...] = ()
 
     def refuse_reason(self, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
         """None when this backend can run `op` on these inputs, else a sentence saying why not and how to fix it."""
@@ -38,11 +44,15 @@ class Backend:
     def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
         raise NotImplementedError
 
+    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite):
+        raise NotImplementedError
+
 
 class ReferenceBackend(Backend):
     """Plain PyTorch: runs everywhere, differentiable by autograd; the oracle the fast backends are tested against."""
 
     name = "reference"
+    optional_ops = OPTIONAL_OPS
 
     def refuse_reason(self, op, tensors):
         return None
@@ -56,6 +66,11 @@ class ReferenceBackend(Backend):
         from .ago import ago_loss_grouped_ref
 
         return ago_loss_grouped_ref(B_curs, B_prevs, cur_masks, prev_masks, p)
+
+    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite):
+        from .routing import route_reference
+
+        return route_reference(tokens, router_weight, router_bias, k, mode, counts, check_finite)
 
 
 def trainable_base_reason(op: str, tensors: Sequence[torch.Tensor], kernels: str) -> str | None:
@@ -135,14 +150,23 @@ def resolve_backend(name: str, op: str, tensors: Sequence[torch.Tensor]) -> Back
     if name == "auto":
         for candidate in available_backends():
             backend = get_backend(candidate)
-            if backend.refuse_reason(op, tensors) is None and backend.auto_ok(op, tensors):
+            if _runs(backend, op, tensors) is None and backend.auto_ok(op, tensors):
                 return backend
         raise RuntimeError(f"no backend accepts {op} on these inputs")  # unreachable: the reference accepts all
     backend = get_backend(name)
-    reason = backend.refuse_reason(op, tensors)
+    reason = _runs(backend, op, tensors)
     if reason is not None:
+        if op in OPTIONAL_OPS:
+            return get_backend("reference")
         raise RuntimeError(f"backend={name!r} cannot run {op} here: {reason}")
     return backend
+
+
+def _runs(backend: Backend, op: str, tensors: Sequence[torch.Tensor]) -> str | None:
+    """None when `backend` runs `op` on these inputs, else why not."""
+    if op in OPTIONAL_OPS and op not in backend.optional_ops:
+        return f"the {backend.name} backend has no {op} kernel"
+    return backend.refuse_reason(op, tensors)
 
 
 register_lazy_backend("triton", "rank1_kernels.triton_backend")

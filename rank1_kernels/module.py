@@ -17,7 +17,7 @@ from ._checks import (
     check_top_k,
 )
 from .pool_linear import rank1_pool_linear
-from .routing import route, shared_ones, top_experts
+from .routing import route, top_experts
 
 # Buffers whose length grows with every merge; resized on load so that any history can be restored.
 _HISTORY_BUFFERS = ("merged_A", "merged_B", "merged_scaling", "merge_sizes")
@@ -180,10 +180,10 @@ class FusedRank1PoolLinear(nn.Module):
                 )
             per_sample = rows.reshape(n_samples, tokens_per_sample, self.in_features)
             routing_tokens = per_sample.select(1, self.routing_token_index)
-        idx, gates = route(routing_tokens, self.router.weight, self.router.bias, self.k, self.routing, self.gate)
-        if self.training:  # integer counts: autograd records nothing here
-            flat = idx.reshape(-1)
-            self.activation_counts.index_add_(0, flat, shared_ones(flat.shape, flat.dtype, flat.device))
+        idx, gates = route(
+            routing_tokens, self.router.weight, self.router.bias, self.k, self.routing, self.gate,
+            counts=self.activation_counts if self.training else None, backend=self.backend,
+        )  # fmt: skip
         lora_input = self.dropout(rows) if self.training and isinstance(self.dropout, nn.Dropout) else None
         y = rank1_pool_linear(
             rows, self.weight, self.bias, self.lora_A, self.lora_B, idx, gates, self.scaling, tokens_per_sample,

@@ -14,7 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import GATE_KINDS, ROUTING_MODES, check_choice, check_finite_scores, check_last_dim, check_same_device_dtype, check_top_k
+from ._checks import (
+    GATE_KINDS,
+    ROUTING_MODES,
+    check_choice,
+    check_counts,
+    check_finite_scores,
+    check_last_dim,
+    check_same_device_dtype,
+    check_top_k,
+)
+from .backends import resolve_backend
 
 
 def top_experts(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,6 +53,44 @@ def shared_ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return one.expand(shape)
 
 
+def _select(scores: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    """idx (n_samples, k) from the (n_samples, r) scores: each sample's top k, or the batch's vote over them."""
+    # Rank in fp32 so that half-precision rounding does not create ties the fp32 scores do not have.
+    per_sample = top_experts(scores.detach().to(torch.promote_types(scores.dtype, torch.float32)), k)
+    if mode == "sample":
+        return per_sample
+    votes = torch.zeros(scores.shape[1], dtype=torch.int64, device=scores.device)
+    votes.scatter_add_(0, per_sample.reshape(-1), torch.ones_like(per_sample.reshape(-1)))
+    return top_experts(votes, k).unsqueeze(0).expand(scores.shape[0], k).contiguous()
+
+
+def _count(counts: torch.Tensor | None, idx: torch.Tensor) -> None:
+    """counts[e] += how many (sample, choice) pairs of idx chose e. Integer counts: autograd records nothing."""
+    if counts is not None:
+        flat = idx.reshape(-1)
+        counts.index_add_(0, flat, shared_ones(flat.shape, flat.dtype, flat.device))
+
+
+def route_reference(
+    tokens: torch.Tensor,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    k: int,
+    mode: str = "sample",
+    counts: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """The experts chosen for gate="none", in PyTorch: idx (n_samples, k) int64, and counts (r,) int64 (when given)
+    gets them added in place. The oracle of the backends' fused routing (`Backend.route`); inputs validated by
+    `route`."""
+    scores = F.linear(tokens, router_weight, router_bias)
+    if check_finite:
+        check_finite_scores(scores)
+    idx = _select(scores, k, mode)
+    _count(counts, idx)
+    return idx
+
+
 def route(
     tokens: torch.Tensor,
     router_weight: torch.Tensor,
@@ -51,12 +99,17 @@ def route(
     mode: str = "sample",
     gate: str = "none",
     check_finite: bool = True,
+    counts: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select k experts per sample.
 
     tokens: (n_samples, d_in) routing tokens; router_weight: (r, d_in); router_bias: (r,) or None.
     Returns idx (n_samples, k) int64 and gates (n_samples, k) in tokens.dtype; gates carry gradient to
     the router for gate="softmax"/"sigmoid" and are constant ones for gate="none" (a read-only expanded view).
+    counts (r,) int64, when given, gets the choices added in place (a layer's activation counts in training).
+    With gate="none" the backend's fused routing runs where it has one (Triton: one launch for scores, choice and
+    counts); a backend without one, or that refuses these inputs, routes in PyTorch (`route_reference`).
     """
     check_choice("mode", mode, ROUTING_MODES)
     check_choice("gate", gate, GATE_KINDS)
@@ -68,27 +121,26 @@ def route(
     check_top_k(k, n_experts)
     check_last_dim("tokens", tokens, router_weight.shape[1], "the router's input features")
     check_same_device_dtype("tokens", tokens, router_weight=router_weight, router_bias=router_bias)
+    if counts is not None:
+        check_counts(counts, n_experts, tokens.device)
+
+    if gate == "none":
+        # Nothing downstream needs the scores: the backend may fuse scoring, choice and counting.
+        tensors = [t for t in (tokens, router_weight, router_bias) if t is not None]
+        chosen = resolve_backend(backend, "route", tensors)
+        idx = chosen.route(tokens, router_weight, router_bias, k, mode, counts, check_finite)
+        return idx, shared_ones(idx.shape, tokens.dtype, tokens.device)
 
     scores = F.linear(tokens, router_weight, router_bias)
     if check_finite:
         check_finite_scores(scores)
-    # Rank in fp32 so that half-precision rounding does not create ties the fp32 scores do not have.
-    per_sample = top_experts(scores.detach().to(torch.promote_types(scores.dtype, torch.float32)), k)
-    if mode == "sample":
-        idx = per_sample
+    idx = _select(scores, k, mode)
+    _count(counts, idx)
+    chosen_scores = scores.gather(1, idx)
+    # Softmax over the chosen k equals the full softmax renormalised over them.
+    if gate == "softmax":
+        at_least_fp32 = torch.promote_types(chosen_scores.dtype, torch.float32)
+        gates = torch.softmax(chosen_scores.to(at_least_fp32), dim=-1).to(tokens.dtype)
     else:
-        votes = torch.zeros(n_experts, dtype=torch.int64, device=tokens.device)
-        votes.scatter_add_(0, per_sample.reshape(-1), torch.ones_like(per_sample.reshape(-1)))
-        idx = top_experts(votes, k).unsqueeze(0).expand(tokens.shape[0], k).contiguous()
-
-    if gate == "none":
-        gates = shared_ones(idx.shape, tokens.dtype, tokens.device)
-    else:
-        chosen = scores.gather(1, idx)
-        # Softmax over the chosen k equals the full softmax renormalised over them.
-        if gate == "softmax":
-            at_least_fp32 = torch.promote_types(chosen.dtype, torch.float32)
-            gates = torch.softmax(chosen.to(at_least_fp32), dim=-1).to(tokens.dtype)
-        else:
-            gates = torch.sigmoid(chosen)
+        gates = torch.sigmoid(chosen_scores)
     return idx, gates

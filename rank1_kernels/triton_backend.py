@@ -9,18 +9,23 @@ before this module was imported: that is how CI checks the kernels without a GPU
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ._checks import _may_read_back, check_finite_scores
 from .backends import Backend, register_backend, trainable_base_reason
 from .triton_ago import ago_refuse_reason, triton_ago_grouped
 from .triton_pool_linear import is_interpreted, triton_pool_linear
+from .triton_routing import MAX_EXPERTS, triton_route
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class TritonBackend(Backend):
-    """pool_linear (gather or shrink-all + mask, chosen by shape) and ago_grouped (one launch for all layers)."""
+    """pool_linear (gather or shrink-all + mask, chosen by shape), ago_grouped (one launch for all layers) and route
+    (scores, top-k and counts in one launch)."""
 
     name = "triton"
+    optional_ops = ("route",)
 
     def refuse_reason(self, op, tensors):
         floating = [t for t in tensors if t.is_floating_point()]
@@ -44,6 +49,8 @@ class TritonBackend(Backend):
         if op == "ago_grouped":
             half = len(tensors) // 2
             return ago_refuse_reason(tensors[:half], tensors[half:])
+        if op == "route" and tensors[1].shape[0] > MAX_EXPERTS:
+            return f"the routing kernel holds at most {MAX_EXPERTS} experts' scores per sample, got r={tensors[1].shape[0]}"
         return None
 
     def auto_ok(self, op, tensors):
@@ -55,6 +62,12 @@ class TritonBackend(Backend):
 
     def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
         return triton_ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p)
+
+    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite):
+        if check_finite and _may_read_back(tokens):  # the kernel never writes the scores out: PyTorch computes
+            # them for the check alone (on CPU, or on a GPU after set_device_sync_checks(True))
+            check_finite_scores(F.linear(tokens, router_weight, router_bias))
+        return triton_route(tokens, router_weight, router_bias, k, mode, counts)
 
 
 register_backend("triton", 10, TritonBackend)

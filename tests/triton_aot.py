@@ -1,9 +1,9 @@
 """Compile every Triton kernel for sm_80 and sm_90 GPUs with no GPU present, and check what the compiled fused GEMM
-costs in resources on sm_90 (H100/H200, where the speed targets are). Run in a process without TRITON_INTERPRET
-(tests/test_triton_pool_linear.py does; a kernel engineer can too):
+and routing kernel cost in resources on sm_90 (H100/H200, where the speed targets are). Run in a process without
+TRITON_INTERPRET (tests/test_triton_pool_linear.py does; a kernel engineer can too):
 
-    TRITON_INTERPRET=0 python tests/triton_aot.py            # compile all, check the fused GEMM; prints "compiled"
-    TRITON_INTERPRET=0 python tests/triton_aot.py --report   # also print the fused GEMM's resource table
+    TRITON_INTERPRET=0 python tests/triton_aot.py            # compile all, check resources; prints "compiled"
+    TRITON_INTERPRET=0 python tests/triton_aot.py --report   # also print the resource tables
 
 Triton's GPU compiler checks what the interpreter does not (tl.dot operand shapes and dtypes, loop bounds, shared
 memory). The resource check compiles the fused GEMM as the JIT specializes it for a real launch (unit strides are
@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 
 from rank1_kernels import triton_ago as ta
 from rank1_kernels import triton_pool_linear as tp
+from rank1_kernels import triton_routing as tr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DOT_PRECISION = {"bf16": "tf32", "fp16": "tf32", "fp32": "ieee"}  # what _dot_config gives compiled kernels
@@ -101,6 +102,46 @@ def compile_all(arch: int) -> None:
         compile_for_gpu(ta._ago_grad_kernel, arch, {"grad_loss_ptr": "*fp32", "own_ptr": t, "other_ptr": t,
                         "own_mask_ptr": "*fp32", "other_mask_ptr": "*fp32", "table_ptr": "*i64", "dphi_ptr": "*fp32",
                         "out_ptr": t}, {"OWN_IS_CUR": True, "BLOCK_D": 64, "BLOCK_A": 16, "BLOCK_B": 32})  # fmt: skip
+        # Routing: both modes, with and without bias and counts, from the fewest experts to the most it takes.
+        for batch, has_bias, count, experts in itertools.product((False, True), (False, True), (False, True),
+                                                                 (16, tr.MAX_EXPERTS)):  # fmt: skip
+            compile_route(arch, dtype, batch, has_bias, count, experts)
+
+
+def compile_route(arch: int, dtype: str, batch: bool, has_bias: bool, count: bool, n_experts: int, d_in: int = 768):
+    """The routing kernel at the launch settings `route_launch` picks."""
+    t = "*" + dtype
+    settings = dict(tr.route_launch(n_experts, d_in))
+    launch = {"num_warps": settings.pop("num_warps"), "num_stages": settings.pop("num_stages")}
+    return compile_for_gpu(tr._route_kernel, arch, {"tok_ptr": t, "w_ptr": t, "bias_ptr": t, "idx_ptr": "*i64",
+                           "counts_ptr": "*i64"}, {"HAS_BIAS": has_bias, "COUNT": count, "BATCH": batch, **settings,
+                           "DOT_PRECISION": DOT_PRECISION[dtype], "UPCAST_DOT": False}, **launch)  # fmt: skip
+
+
+def register_use(ptx: str, arch: int) -> dict:
+    """ptxas's register and spill-store counts for a compiled kernel's PTX."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        arch_flag = f"-arch=sm_{arch}{'a' if arch == 90 else ''}"
+        ptxas = subprocess.run([get_ptxas(arch).path, arch_flag, "-v", source.name, "-o", "/dev/null"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", ptxas.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", ptxas.stderr)
+    return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) if spills else 0}
+
+
+def check_route(arch: int, report: bool) -> None:
+    """The routing kernel at the pool sizes of the speed targets (r in {12, 64, 256}), both modes, every dtype: no
+    register spills, shared memory within the arch's limit."""
+    for dtype, batch, n_experts in itertools.product(DTYPES, (False, True), (12, 64, 256)):
+        compiled = compile_route(arch, dtype, batch, True, True, n_experts)
+        found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
+        what = f"sm_{arch} {dtype} routing ({'batch' if batch else 'sample'}, r={n_experts})"
+        if report:
+            print(what, found)
+        assert found["spill_bytes"] == 0, f"{what}: registers spill: {found}"
+        assert found["shared_bytes"] <= SHARED_LIMIT[arch], f"{what}: more shared memory than a block gets: {found}"
 
 
 def fused_linear_resources(arch: int, dtype: str, shrink: bool, own_input: bool, span: bool, rows: int, n_out: int,
@@ -118,19 +159,10 @@ def fused_linear_resources(arch: int, dtype: str, shrink: bool, own_input: bool,
     compiled = compile_for_gpu(tp._fused_linear_kernel, arch, fused_linear_pointers("*" + dtype), flags, divisible,
                                num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
     ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
-        source.write(ptx)
-        source.flush()
-        arch_flag = f"-arch=sm_{arch}{'a' if arch == 90 else ''}"
-        ptxas = subprocess.run([get_ptxas(arch).path, arch_flag, "-v", source.name, "-o", "/dev/null"],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-    registers = re.search(r"Used (\d+) registers", ptxas.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", ptxas.stderr)
     item = torch.finfo(DTYPES[dtype]).bits // 8
     return {
         "tiles": tiles,
-        "registers": int(registers.group(1)),
-        "spill_bytes": int(spills.group(1)) if spills else 0,
+        **register_use(ptx, arch),
         "shared_bytes": compiled.metadata.shared,
         "stage_bytes": (tiles.block_m + tiles.block_n) * tiles.block_k * item,
         "tensor_core_ops": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", ptx)),
@@ -173,4 +205,5 @@ if __name__ == "__main__":
     # memory.
     check_fused_linear(90, report="--report" in sys.argv)
     check_fused_linear(80, report="--report" in sys.argv, shared_only=True)
+    check_route(90, report="--report" in sys.argv)
     print("compiled")

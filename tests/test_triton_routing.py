@@ -1,0 +1,210 @@
+"""The Triton routing kernel (scores, top k and activation counts in one launch) against `route_reference`.
+
+Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1). The exact checks
+use small-integer inputs: every score is then the same number whatever the order of the sums, so the chosen experts
+must equal the reference's exactly, ties (which small integers make plentiful) included."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rank1_kernels import FusedRank1PoolLinear, resolve_backend, route
+from rank1_kernels.routing import route_reference
+from rank1_kernels.triton_routing import MAX_EXPERTS, triton_route
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _integer_inputs(n_samples, d_in, n_experts, dtype, device, with_bias=True, seed=0, strided=False):
+    """Routing tokens, router weight and bias with small-integer values (exact scores in every dtype's rounding).
+    strided: tokens as every other token of a longer sequence, the router weight a transposed copy (both
+    non-contiguous, as a layer's routing tokens are)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(-3, 4, (n_samples, 2 if strided else 1, d_in), generator=g).select(1, 0)
+    weight = torch.randint(-2, 3, (n_experts, d_in), generator=g)
+    if strided:
+        weight = weight.t().contiguous().t()
+    bias = torch.randint(-2, 3, (n_experts,), generator=g) if with_bias else None
+    return [t.to(device, dtype) if t is not None else None for t in (tokens, weight, bias)]
+
+
+# (n_samples, d_in, r, k): one sample, one expert, k = r, odd and prime sizes, more samples than a block (16),
+# an r over 64 (eight warps on a GPU) and inputs deeper than one 64-wide tile.
+SHAPES = [(1, 5, 3, 1), (3, 7, 12, 4), (20, 33, 17, 17), (37, 16, 64, 8), (5, 9, 1, 1), (4, 131, 70, 3)]
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_chooses_and_counts_exactly_as_the_reference(shape, dtype, mode):
+    n_samples, d_in, n_experts, k = shape
+    for with_bias, strided in itertools.product((True, False), (False, True)):
+        tokens, weight, bias = _integer_inputs(n_samples, d_in, n_experts, dtype, _device(), with_bias, strided=strided)
+        counts = torch.randint(0, 5, (n_experts,), device=_device())
+        expected_counts = counts.clone()
+        expected = route_reference(tokens, weight, bias, k, mode, expected_counts)
+        idx = triton_route(tokens, weight, bias, k, mode, counts)
+        what = f"bias={with_bias}, strided={strided}"
+        assert torch.equal(idx, expected), f"{what}: chose {idx.tolist()}, expected {expected.tolist()}"
+        assert torch.equal(counts, expected_counts), f"{what}: counts {counts.tolist()}, expected {expected_counts}"
+        assert torch.equal(triton_route(tokens, weight, bias, k, mode, None), expected), f"{what}: without counts"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_picks_the_best_scores_on_random_inputs(dtype):
+    """Real-valued inputs: the sums' order may round a near tie either way, so this checks what must hold whatever
+    the order: every chosen expert's exact (fp64) score is at least every unchosen one's, up to the rounding of the
+    scores in `dtype`."""
+    g = torch.Generator().manual_seed(3)
+    shapes = ((40, 96), (48, 96), (48,))
+    tokens, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in shapes)
+    idx = triton_route(*(t.to(_device(), dtype) for t in (tokens, weight, bias)), 6, "sample", None).cpu()
+    low, high = (t.to(dtype).double() for t in (tokens, weight)), bias.to(dtype).double()
+    exact = torch.nn.functional.linear(*low, high)
+    slack = 2 * torch.finfo(dtype).eps * exact.abs().amax(dim=1, keepdim=True)
+    chosen = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, idx, True)
+    assert (chosen.sum(1) == 6).all(), f"repeated experts: {idx.tolist()}"
+    worst_chosen = exact.masked_fill(~chosen, float("inf")).amin(1, keepdim=True)
+    best_unchosen = exact.masked_fill(chosen, float("-inf")).amax(1, keepdim=True)
+    assert (worst_chosen >= best_unchosen - slack).all()
+
+
+def test_non_finite_scores_still_give_distinct_experts_in_range():
+    """With the device-sync checks off (a GPU's default) nothing stops a NaN routing token: the kernel must still
+    write k distinct experts in [0, r) per sample (the fused linear reads A and B at them)."""
+    tokens = torch.randn(4, 8, device=_device())
+    tokens[1] = float("nan")
+    tokens[2, 0] = float("inf")
+    weight = torch.randn(10, 8, device=_device())
+    for mode in ("sample", "batch"):
+        idx = triton_route(tokens, weight, None, 5, mode, None)
+        assert idx.min() >= 0 and idx.max() < 10, idx
+        assert all(len(set(row)) == 5 for row in idx.tolist()), idx
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the checks are off by default")
+def test_route_on_cpu_checks_for_non_finite_scores_first():
+    tokens = torch.randn(3, 8)
+    tokens[2, 4] = float("nan")
+    weight = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="NaN or Inf .* sample 2"):
+        route(tokens, weight, None, 2, backend="triton")
+
+
+def test_who_routes():
+    """gate="none" routes with the backend's kernel where it has one; a backend without one (CUDA C++), or one that
+    refuses the inputs (more experts than the kernel holds), leaves it to the reference instead of failing."""
+    tokens, weight, bias = _integer_inputs(2, 8, 6, torch.float32, _device())
+    assert resolve_backend("triton", "route", [tokens, weight, bias]).name == "triton"
+    assert resolve_backend("cuda", "route", [tokens, weight, bias]).name == "reference"
+    big = torch.zeros(MAX_EXPERTS + 1, 8, device=_device())
+    assert resolve_backend("triton", "route", [tokens, big]).name == "reference"
+    if _device().type == "cuda":
+        assert resolve_backend("auto", "route", [tokens, weight, bias]).name == "triton"
+    idx, gates = route(tokens, weight, bias, 3, backend="cuda")
+    assert torch.equal(idx, route_reference(tokens, weight, bias, 3)) and torch.equal(gates, torch.ones_like(gates))
+
+
+def test_counts_must_fit_the_pool():
+    tokens, weight, bias = _integer_inputs(2, 8, 6, torch.float32, _device())
+    for counts in (torch.zeros(5, dtype=torch.int64), torch.zeros(6, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"counts must be int64 of shape \(r=6,\)"):
+            route(tokens, weight, bias, 3, counts=counts.to(_device()), backend="triton")
+
+
+def test_opcheck():
+    tokens, weight, bias = _integer_inputs(5, 7, 9, torch.float32, _device())
+    for batch in (False, True):
+        counts = torch.zeros(9, dtype=torch.int64, device=_device())
+        torch.library.opcheck(torch.ops.rank1.triton_route.default, (tokens, weight, bias, 3, batch, counts))
+        torch.library.opcheck(torch.ops.rank1.triton_route.default, (tokens, weight, None, 3, batch, None))
+
+
+def _gate_none_layers(routing, device):
+    torch.manual_seed(5)
+    layer = FusedRank1PoolLinear(12, 7, r=9, k=3, routing=routing, backend="triton", device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    reference = copy.deepcopy(layer)
+    reference.backend = "reference"
+    return layer, reference
+
+
+@pytest.mark.parametrize("routing", ["sample", "batch"])
+def test_layer_counts_as_the_reference_layer_and_only_in_training(routing):
+    layer, reference = _gate_none_layers(routing, _device())
+    x = torch.randint(-2, 3, (4, 6, 12), device=_device()).float()  # integer scores: the same choices
+    for module in (layer, reference):
+        module.train()(x)
+        module(x)
+        module.eval()(x)
+    assert torch.equal(layer.activation_counts, reference.activation_counts)
+    assert int(layer.activation_counts.sum()) == 2 * 4 * 3
+    torch.testing.assert_close(layer(x), reference(x))
+
+
+def _compiled_counts_match_eager(device):
+    """torch.compile(fullgraph=True) traces the routing op, whose in-place count update must survive
+    functionalization."""
+    for routing in ("sample", "batch"):
+        layer, reference = _gate_none_layers(routing, device)
+        compiled = torch.compile(layer.train(), fullgraph=True)
+        x = torch.randint(-2, 3, (3, 5, 12), device=device).float()
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), reference.train()(x))
+        assert torch.equal(layer.activation_counts, reference.activation_counts), routing
+        assert int(layer.activation_counts.sum()) == 2 * 3 * 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU variant below runs instead")
+def test_torch_compile_fullgraph_counts_on_cpu_interpreter():
+    _compiled_counts_match_eager(torch.device("cpu"))
+
+
+# ---- GPU: ViT-B/16 shapes, compiled kernel ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n_experts,k", [(12, 4), (12, 8), (64, 4), (64, 8), (256, 4), (256, 8)])
+def test_gpu_vit_b16_routing_matches_the_reference(n_experts, k, dtype, mode):
+    """32 samples' [CLS] tokens of width 768, as a ViT-B/16 layer routes them (every 197th row of its input)."""
+    tokens, weight, bias = _integer_inputs(32, 768, n_experts, dtype, torch.device("cuda"), seed=n_experts)
+    rows = torch.zeros(32, 197, 768, device="cuda", dtype=dtype)
+    rows[:, 0] = tokens
+    cls_tokens = rows.select(1, 0)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device="cuda")
+    expected_counts = counts.clone()
+    expected = route_reference(cls_tokens, weight, bias, k, mode, expected_counts)
+    assert torch.equal(triton_route(cls_tokens, weight, bias, k, mode, counts), expected)
+    assert torch.equal(counts, expected_counts)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_counts():
+    _compiled_counts_match_eager(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_routing_captures_in_a_cuda_graph():
+    """Replaying the captured routing chooses again and counts again, with no host sync inside."""
+    tokens, weight, bias = _integer_inputs(32, 768, 64, torch.bfloat16, torch.device("cuda"))
+    counts = torch.zeros(64, dtype=torch.int64, device="cuda")
+    expected = route_reference(tokens, weight, bias, 8, "sample")
+    triton_route(tokens, weight, bias, 8, "sample", counts)  # compile outside the capture
+    counts.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx = triton_route(tokens, weight, bias, 8, "sample", counts)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(idx, expected)
+    assert int(counts.sum()) == 3 * 32 * 8
