@@ -8,8 +8,9 @@ The Triton pool linear decides two things from the shapes (rank1_kernels.triton_
 `register_triton_variants()` adds backends "triton-gather" and "triton-mask" (variant pinned, shrink chosen as
 usual) and "triton-shrink-fused" and "triton-shrink-separate" (shrink pinned, variant chosen as usual). They accept
 what the "triton" backend accepts (the fused pin also refuses a pool whose slots do not fit the fused shrink, rather
-than being timed as the separate one), refuse the AGO op (it has one kernel, timed as "triton"), and sit after every
-real backend in priority, so backend="auto" never picks them.
+than being timed as the separate one), route with the Triton routing kernel as "triton" does, refuse the AGO op (it
+has one kernel, timed as "triton"), and sit after every real backend in priority, so backend="auto" never picks
+them.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def register_triton_variants() -> tuple[list[str], str | None]:
         shrink = "auto"
 
         def refuse_reason(self, op, tensors):
-            if op != "pool_linear":
+            if op == "ago_grouped":
                 return f"pins a pool-linear choice for the bench; {op} is timed as 'triton'"
-            reason = super().refuse_reason(op, tensors)
+            reason = super().refuse_reason(op, tensors)  # routing too: every pool[triton-*] row routes as 'triton'
+            if op == "route":
+                return reason
             if reason is None and self.shrink == "fused":
                 x, A = tensors[0], [t for t in tensors[2:] if t.dim() == 2][0]
                 idx = next(t for t in tensors if t.dtype == torch.int64)

@@ -334,6 +334,10 @@ def test_pinned_fused_shrink_refuses_a_pool_too_wide_for_it():
     with pytest.raises(RuntimeError, match="mask variant has 40 slots per row; the fused shrink holds at most 32"):
         resolve_backend("triton-shrink-fused", "pool_linear", tensors(40, 30))
     assert resolve_backend("triton-shrink-separate", "pool_linear", tensors(40, 30)).name == "triton-shrink-separate"
+    # Every pinned row routes with the routing kernel, as pool[triton] does: the rows differ in the pin alone.
+    router_inputs = [torch.randn(2, 8, device=device), torch.randn(12, 8, device=device)]
+    for name in names:
+        assert resolve_backend(name, "route", router_inputs).name == name
 
 
 def test_cli_time_budget_skips_groups_but_still_writes_results(tmp_path):
