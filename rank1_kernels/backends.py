@@ -3,8 +3,8 @@
 Every backend implements the same ops with the same signatures as the reference:
     pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input) -> y
     ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p) -> (n_layers,) per-layer losses
-and may implement the gate-"none" routing (`rank1_kernels.routing.route_reference`):
-    route(tokens, router_weight, router_bias, k, mode, counts, check_finite) -> idx (n_samples, k)
+and may implement the routing (`rank1_kernels.routing.route_reference`):
+    route(tokens, router_weight, router_bias, k, mode, counts, check_finite, gate) -> idx, gates
 `backend="auto"` takes the first backend in priority order that accepts the inputs; a backend forced by name
 that cannot run raises an error naming the reason and the fix. Routing is not what a backend is chosen for: where
 the chosen one has no routing kernel or refuses the inputs, the reference routes. Fast backends register themselves from their
@@ -44,7 +44,7 @@ class Backend:
     def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
         raise NotImplementedError
 
-    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite):
+    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite, gate):
         raise NotImplementedError
 
 
@@ -67,10 +67,10 @@ class ReferenceBackend(Backend):
 
         return ago_loss_grouped_ref(B_curs, B_prevs, cur_masks, prev_masks, p)
 
-    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite):
+    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite, gate):
         from .routing import route_reference
 
-        return route_reference(tokens, router_weight, router_bias, k, mode, counts, check_finite)
+        return route_reference(tokens, router_weight, router_bias, k, mode, counts, check_finite, gate)
 
 
 def trainable_base_reason(op: str, tensors: Sequence[torch.Tensor], kernels: str) -> str | None:

@@ -79,16 +79,24 @@ def route_reference(
     mode: str = "sample",
     counts: torch.Tensor | None = None,
     check_finite: bool = True,
-) -> torch.Tensor:
-    """The experts chosen for gate="none", in PyTorch: idx (n_samples, k) int64, and counts (r,) int64 (when given)
-    gets them added in place. The oracle of the backends' fused routing (`Backend.route`); inputs validated by
+    gate: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing in PyTorch, the oracle of the backends' fused routing (`Backend.route`): idx (n_samples, k) int64 and
+    gates (n_samples, k); counts (r,) int64, when given, gets the choices added in place. Inputs validated by
     `route`."""
     scores = F.linear(tokens, router_weight, router_bias)
     if check_finite:
         check_finite_scores(scores)
     idx = _select(scores, k, mode)
     _count(counts, idx)
-    return idx
+    if gate == "none":
+        return idx, shared_ones(idx.shape, tokens.dtype, tokens.device)
+    chosen_scores = scores.gather(1, idx)
+    # Softmax over the chosen k equals the full softmax renormalised over them.
+    if gate == "softmax":
+        at_least_fp32 = torch.promote_types(chosen_scores.dtype, torch.float32)
+        return idx, torch.softmax(chosen_scores.to(at_least_fp32), dim=-1).to(tokens.dtype)
+    return idx, torch.sigmoid(chosen_scores)
 
 
 def route(
@@ -108,8 +116,8 @@ def route(
     Returns idx (n_samples, k) int64 and gates (n_samples, k) in tokens.dtype; gates carry gradient to
     the router for gate="softmax"/"sigmoid" and are constant ones for gate="none" (a read-only expanded view).
     counts (r,) int64, when given, gets the choices added in place (a layer's activation counts in training).
-    With gate="none" the backend's fused routing runs where it has one (Triton: one launch for scores, choice and
-    counts); a backend without one, or that refuses these inputs, routes in PyTorch (`route_reference`).
+    The backend's fused routing runs where it has one (Triton: scores, choice, gates and counts in one launch); a
+    backend without one, or that refuses these inputs, routes in PyTorch (`route_reference`).
     """
     check_choice("mode", mode, ROUTING_MODES)
     check_choice("gate", gate, GATE_KINDS)
@@ -123,24 +131,6 @@ def route(
     check_same_device_dtype("tokens", tokens, router_weight=router_weight, router_bias=router_bias)
     if counts is not None:
         check_counts(counts, n_experts, tokens.device)
-
-    if gate == "none":
-        # Nothing downstream needs the scores: the backend may fuse scoring, choice and counting.
-        tensors = [t for t in (tokens, router_weight, router_bias) if t is not None]
-        chosen = resolve_backend(backend, "route", tensors)
-        idx = chosen.route(tokens, router_weight, router_bias, k, mode, counts, check_finite)
-        return idx, shared_ones(idx.shape, tokens.dtype, tokens.device)
-
-    scores = F.linear(tokens, router_weight, router_bias)
-    if check_finite:
-        check_finite_scores(scores)
-    idx = _select(scores, k, mode)
-    _count(counts, idx)
-    chosen_scores = scores.gather(1, idx)
-    # Softmax over the chosen k equals the full softmax renormalised over them.
-    if gate == "softmax":
-        at_least_fp32 = torch.promote_types(chosen_scores.dtype, torch.float32)
-        gates = torch.softmax(chosen_scores.to(at_least_fp32), dim=-1).to(tokens.dtype)
-    else:
-        gates = torch.sigmoid(chosen_scores)
-    return idx, gates
+    tensors = [t for t in (tokens, router_weight, router_bias) if t is not None]
+    chosen = resolve_backend(backend, "route", tensors)
+    return chosen.route(tokens, router_weight, router_bias, k, mode, counts, check_finite, gate)

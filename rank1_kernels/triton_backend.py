@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ._checks import _may_read_back, check_finite_scores
 from .backends import Backend, register_backend, trainable_base_reason
+from .routing import shared_ones
 from .triton_ago import ago_refuse_reason, triton_ago_grouped
 from .triton_pool_linear import is_interpreted, triton_pool_linear
 from .triton_routing import MAX_EXPERTS, triton_route
@@ -22,7 +23,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class TritonBackend(Backend):
     """pool_linear (gather or shrink-all + mask, chosen by shape), ago_grouped (one launch for all layers) and route
-    (scores, top-k and counts in one launch)."""
+    (scores, top k, gates and counts in one launch)."""
 
     name = "triton"
     optional_ops = ("route",)
@@ -63,11 +64,12 @@ class TritonBackend(Backend):
     def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
         return triton_ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p)
 
-    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite):
+    def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite, gate):
         if check_finite and _may_read_back(tokens):  # the kernel never writes the scores out: PyTorch computes
             # them for the check alone (on CPU, or on a GPU after set_device_sync_checks(True))
             check_finite_scores(F.linear(tokens, router_weight, router_bias))
-        return triton_route(tokens, router_weight, router_bias, k, mode, counts)
+        idx, gates = triton_route(tokens, router_weight, router_bias, k, mode, counts, gate)
+        return idx, gates if gates is not None else shared_ones(idx.shape, tokens.dtype, tokens.device)
 
 
 register_backend("triton", 10, TritonBackend)

@@ -1,19 +1,21 @@
-"""Routing in Triton: the router's scores, the top-k choice and the activation-count update in one launch.
+"""Routing in Triton: the router's scores, the top-k choice, the gates and the activation-count update in one launch.
 
-For gate="none" (the paper's router) a pool layer's training forward is then two launches, this and the fused
-linear, where PyTorch takes four before it (router GEMM, sort, copy of the top k, count update): at ViT-B/16 shapes
-each of those small launches costs about as much host time in eager mode as the fused linear itself, and GPU time
-between graph-replayed kernels.
+A pool layer's training forward is then two launches, this and the fused linear, where PyTorch takes four before it
+(router GEMM, sort, copy of the top k, count update; learned gates add a gather, the softmax or sigmoid and casts):
+at ViT-B/16 shapes each of those small launches costs about as much host time in eager mode as the fused linear
+itself, and GPU time between graph-replayed kernels.
 
     scores = tokens @ router_weight^T + router_bias   accumulated in fp32, rounded to the input dtype
     idx    = the k best scores per sample, ties to the lowest index                                ("sample")
              the k experts most voted by the samples' own top k, ties to the lowest index, for all  ("batch")
+    gates  = softmax over the sample's k chosen scores (fp32), or their sigmoid; none for gate="none"
     counts[e] += how many (sample, choice) pairs chose e                                           (counts given)
 
 which is `rank1_kernels.routing.route_reference` (ranking on scores rounded as F.linear rounds them, so a tie there
-is a tie here). The scores are never written out: nothing downstream of gate="none" needs them. The counts are
-integers added atomically, so the order of the adds does not change the result. A NaN score ranks as +inf (torch's
-sort puts NaN first): only reachable with the device-sync checks off, and never an index outside [0, r).
+is a tie here). The scores are never written out; learned gates get their gradient to the router from
+`_RouterGradient` (torch ops on the fp32 gates). The counts are integers added atomically, so the order of the adds
+does not change the result. A NaN score ranks as +inf (torch's sort puts NaN first): only reachable with the
+device-sync checks off, and never an index outside [0, r).
 """
 
 import functools
@@ -36,12 +38,13 @@ _BLOCK_SAMPLES = 16
 
 @functools.cache
 def route_launch(n_experts: int, d_in: int) -> dict:
-    """Tile edges and launch settings for r experts: the router-weight tile (BLOCK_D x BLOCK_E) kept at 8K elements,
-    8 warps from 64 experts on. On sm_90 this compiles without register spills up to 1024 experts (bf16; fp32 "batch"
-    spills a few bytes from 512) and within shared memory (tests/triton_aot.py checks up to 256)."""
+    """Tile edges and launch settings for r experts: the router-weight tile (BLOCK_D x BLOCK_E) at most 2K elements
+    from 32 experts on, and more warps as the pool grows. On sm_90, triton 3.6 and 3.8, every dtype, mode and gate,
+    this spills at most a few words of registers up to 256 experts (tests/triton_aot.py checks it); beyond, "batch"
+    spills a few hundred bytes at most."""
     block_e = _block(n_experts, MAX_EXPERTS)
-    return {"BLOCK_S": _BLOCK_SAMPLES, "BLOCK_E": block_e, "BLOCK_D": min(_block(d_in, 64), max(16, 8192 // block_e)),
-            "num_warps": 4 if block_e < 64 else 8, "num_stages": 2}  # fmt: skip
+    return {"BLOCK_S": _BLOCK_SAMPLES, "BLOCK_E": block_e, "BLOCK_D": min(_block(d_in, 64), max(16, 2048 // block_e)),
+            "num_warps": 4 if block_e < 64 else 8 if block_e < 128 else 16, "num_stages": 2}  # fmt: skip
 
 
 @triton.jit
@@ -68,26 +71,46 @@ def _scores(tok_ptr, stride_tok_sample, stride_tok_d, w_ptr, stride_w_expert, st
 
 @triton.jit
 def _take_best(values, taken, experts):
-    """Per row, the best value not yet taken (ties to the lowest expert), and `taken` with it marked. Every row
-    has an untaken expert left (k <= r), so the choice is always a real expert."""
+    """Per row, the best value not yet taken (ties to the lowest expert), that value, and `taken` with it marked.
+    Every row has an untaken expert left (k <= r), so the choice is always a real expert."""
     candidates = tl.where(taken, float("-inf"), values)
     best = tl.max(candidates, axis=1)
     tied = (candidates == best[:, None]) & ~taken
     chosen = tl.min(tl.where(tied, experts[None, :], 2**30), axis=1)
-    return chosen, taken | (experts[None, :] == chosen[:, None])
+    return chosen, best, taken | (experts[None, :] == chosen[:, None])
+
+
+@triton.jit
+def _store_gates(chosen_scores, gate_ptr, gate32_ptr, samples, sample_ok, slots, k, GATE: tl.constexpr):
+    """Gates of a (samples, slots) tile of chosen scores: softmax over the k chosen (GATE 1) or sigmoid (GATE 2), in
+    fp32, stored in fp32 (kept for the router's gradient) and in the input dtype (what the pool linear reads)."""
+    slot_ok = slots < k
+    if GATE == 1:
+        chosen_scores = tl.where(slot_ok[None, :], chosen_scores, float("-inf"))
+        exps = tl.exp(chosen_scores - tl.max(chosen_scores, axis=1)[:, None])
+        gates = exps / tl.sum(exps, axis=1)[:, None]
+    else:
+        gates = tl.sigmoid(chosen_scores)
+    offsets = samples[:, None] * k + slots[None, :]
+    tile_ok = sample_ok[:, None] & slot_ok[None, :]
+    tl.store(gate32_ptr + offsets, gates, mask=tile_ok)
+    tl.store(gate_ptr + offsets, gates.to(gate_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
 def _route_kernel(
     tok_ptr, stride_tok_sample, stride_tok_d, w_ptr, stride_w_expert, stride_w_d, bias_ptr, idx_ptr, counts_ptr,
-    n_samples, n_experts, d_in, k,
-    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BATCH: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    gate_ptr, gate32_ptr, n_samples, n_experts, d_in, k,
+    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BATCH: tl.constexpr, GATE: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Mode "sample": one program per block of samples, each writing its samples' k choices. Mode "batch": one
-    program for the whole batch (the vote needs every sample), looping over sample blocks."""
+    """Mode "sample": one program per block of samples, each writing its samples' k choices (and gates). Mode
+    "batch": one program for the whole batch (the vote needs every sample), looping over sample blocks. GATE: 0
+    none (no gates written), 1 softmax, 2 sigmoid."""
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < n_experts
+    slots = tl.arange(0, BLOCK_K)
     if BATCH:
         votes = tl.zeros((BLOCK_E,), dtype=tl.int32)
         for s0 in range(0, n_samples, BLOCK_S):
@@ -98,19 +121,31 @@ def _route_kernel(
                              DOT_PRECISION, UPCAST_DOT)  # fmt: skip
             taken = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.int1) | (experts[None, :] >= n_experts)
             for _ in range(k):
-                chosen, taken = _take_best(scores, taken, experts)
+                chosen, _, taken = _take_best(scores, taken, experts)
                 hit = (experts[None, :] == chosen[:, None]) & sample_ok[:, None]
                 votes += tl.sum(hit.to(tl.int32), axis=0)
-        # The vote's own top k (a one-row problem), written to every sample; each chosen expert counted per sample.
+        # The vote's own top k (a one-row problem), the same for every sample.
         vote_rows = votes[None, :].to(tl.float32)  # exact: at most n_samples * k votes
         vote_taken = (experts >= n_experts)[None, :]
+        choice = tl.zeros((BLOCK_K,), dtype=tl.int64)
         for j in range(k):
-            chosen, vote_taken = _take_best(vote_rows, vote_taken, experts)
-            expert = tl.sum(chosen, axis=0).to(tl.int64)  # the one row's choice, as a scalar
-            for s0 in range(0, n_samples, BLOCK_S):
-                samples = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
-                tl.store(idx_ptr + samples * k + j, tl.zeros((BLOCK_S,), dtype=tl.int64) + expert,
-                         mask=samples < n_samples)  # fmt: skip
+            chosen, _, vote_taken = _take_best(vote_rows, vote_taken, experts)
+            choice = tl.where(slots == j, tl.sum(chosen, axis=0).to(tl.int64), choice)
+        for s0 in range(0, n_samples, BLOCK_S):
+            samples = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+            sample_ok = samples < n_samples
+            tl.store(idx_ptr + samples[:, None] * k + slots[None, :], tl.zeros((BLOCK_S, BLOCK_K), tl.int64) +
+                     choice[None, :], mask=sample_ok[:, None] & (slots < k)[None, :])  # fmt: skip
+            if GATE != 0:  # each sample's own scores at the shared experts: scored again (not kept from the vote)
+                scores = _scores(tok_ptr, stride_tok_sample, stride_tok_d, w_ptr, stride_w_expert, stride_w_d,
+                                 bias_ptr, samples, sample_ok, experts, expert_ok, d_in, HAS_BIAS, BLOCK_S, BLOCK_E,
+                                 BLOCK_D, DOT_PRECISION, UPCAST_DOT)  # fmt: skip
+                chosen_scores = tl.zeros((BLOCK_S, BLOCK_K), dtype=tl.float32)
+                for j in range(k):
+                    expert = tl.sum(tl.where(slots == j, choice, 0), axis=0)
+                    column = tl.sum(tl.where(experts[None, :] == expert, scores, 0.0), axis=1)
+                    chosen_scores = tl.where(slots[None, :] == j, column[:, None], chosen_scores)
+                _store_gates(chosen_scores, gate_ptr, gate32_ptr, samples, sample_ok, slots, k, GATE)
         if COUNT:  # one program: a plain read-modify-write, each chosen expert once per sample
             picked = tl.sum(vote_taken.to(tl.int32), axis=0) > 0
             counts = tl.load(counts_ptr + experts, mask=expert_ok, other=0)
@@ -122,52 +157,114 @@ def _route_kernel(
                          samples, sample_ok, experts, expert_ok, d_in, HAS_BIAS, BLOCK_S, BLOCK_E, BLOCK_D,
                          DOT_PRECISION, UPCAST_DOT)  # fmt: skip
         taken = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.int1) | (experts[None, :] >= n_experts)
+        chosen_scores = tl.zeros((BLOCK_S, BLOCK_K), dtype=tl.float32)
         for j in range(k):
-            chosen, taken = _take_best(scores, taken, experts)
+            chosen, best, taken = _take_best(scores, taken, experts)
             tl.store(idx_ptr + samples * k + j, chosen.to(tl.int64), mask=sample_ok)
             if COUNT:
                 tl.atomic_add(counts_ptr + chosen, tl.full((BLOCK_S,), 1, tl.int64), mask=sample_ok)
+            chosen_scores = tl.where(slots[None, :] == j, best[:, None], chosen_scores)
+        if GATE != 0:
+            _store_gates(chosen_scores, gate_ptr, gate32_ptr, samples, sample_ok, slots, k, GATE)
 
 
-def _route(tokens, router_weight, router_bias, k, batch, counts):
-    """idx (n_samples, k) int64; counts (r,) int64 or None gets the choices added in place."""
+GATE_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
+
+
+def _route(tokens, router_weight, router_bias, k, batch, gate, counts):
+    """idx (n_samples, k) int64, and for a learned gate its gates in the input dtype and in fp32 (else empty); counts
+    (r,) int64 or None gets the choices added in place."""
     n_samples, d_in = tokens.shape
     n_experts = router_weight.shape[0]
     idx = torch.empty(n_samples, k, device=tokens.device, dtype=torch.int64)
+    gate_shape = (n_samples, k) if gate != "none" else (0,)
+    gates = torch.empty(gate_shape, device=tokens.device, dtype=tokens.dtype)
+    gates32 = torch.empty(gate_shape, device=tokens.device, dtype=torch.float32)
     if n_samples == 0:
-        return idx
+        return idx, gates, gates32
     grid = (1,) if batch else (_cdiv(n_samples, _BLOCK_SAMPLES),)
     _route_kernel[grid](
         tokens, tokens.stride(0), tokens.stride(1), router_weight, router_weight.stride(0), router_weight.stride(1),
         router_bias if router_bias is not None else router_weight, idx, counts if counts is not None else idx,
-        n_samples, n_experts, d_in, k,
-        HAS_BIAS=router_bias is not None, COUNT=counts is not None, BATCH=batch, **route_launch(n_experts, d_in),
-        **_dot_config(tokens.dtype),
+        gates, gates32, n_samples, n_experts, d_in, k,
+        HAS_BIAS=router_bias is not None, COUNT=counts is not None, BATCH=batch, GATE=GATE_CODES[gate],
+        BLOCK_K=_slots_block(k), **route_launch(n_experts, d_in), **_dot_config(tokens.dtype),
     )  # fmt: skip
-    return idx
+    return idx, gates, gates32
+
+
+def _slots_block(k: int) -> int:
+    """A power of two >= k: the tile of one sample's k chosen scores."""
+    return 1 << (k - 1).bit_length()
 
 
 @torch.library.custom_op("rank1::triton_route", mutates_args=("counts",))
 def triton_route_op(
     tokens: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[torch.Tensor], k: int, batch: bool,
-    counts: Optional[torch.Tensor],
-) -> torch.Tensor:  # fmt: skip
-    """idx (n_samples, k) int64 of the gate-"none" routing; counts, when given, gets the choices added in place."""
-    return _route(tokens, router_weight, router_bias, k, batch, counts)
+    gate: str, counts: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """idx (n_samples, k) int64, and for a learned gate its gates in the input dtype and in fp32 (else empty);
+    counts, when given, gets the choices added in place. No autograd: `_RouterGradient` gives the gates theirs."""
+    return _route(tokens, router_weight, router_bias, k, batch, gate, counts)
 
 
 @triton_route_op.register_fake
-def _(tokens, router_weight, router_bias, k, batch, counts):
-    return tokens.new_empty(tokens.shape[0], k, dtype=torch.int64)
+def _(tokens, router_weight, router_bias, k, batch, gate, counts):
+    gate_shape = (tokens.shape[0], k) if gate != "none" else (0,)
+    return (tokens.new_empty(tokens.shape[0], k, dtype=torch.int64), tokens.new_empty(gate_shape),
+            tokens.new_empty(gate_shape, dtype=torch.float32))  # fmt: skip
+
+
+class _RouterGradient(torch.autograd.Function):
+    """Gives the kernel's gates their gradient to the router: identity forward, and backward
+
+        d_chosen = g (dg - sum_j dg g)  (softmax)  or  dg g (1 - g)  (sigmoid)      g: the fp32 gates
+        d_scores = d_chosen scattered to the chosen experts                         (n_samples, r)
+        d_tokens = d_scores W,  d_W = d_scores^T tokens,  d_bias = sum over samples of d_scores
+
+    in fp32 (the reference's autograd runs them in the input dtype), rounded once into each input's dtype."""
+
+    @staticmethod
+    def forward(ctx, gates, gates32, idx, tokens, router_weight, router_bias, gate):
+        ctx.save_for_backward(gates32, idx, tokens, router_weight)
+        ctx.gate, ctx.has_bias = gate, router_bias is not None
+        return gates
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gates):
+        gates32, idx, tokens, router_weight = ctx.saved_tensors
+        grad_gates = grad_gates.float()
+        if ctx.gate == "softmax":
+            grad_chosen = gates32 * (grad_gates - (grad_gates * gates32).sum(-1, keepdim=True))
+        else:
+            grad_chosen = grad_gates * gates32 * (1 - gates32)
+        grad_scores = grad_chosen.new_zeros(idx.shape[0], router_weight.shape[0]).scatter_add_(1, idx, grad_chosen)
+        needs = ctx.needs_input_grad
+        grad_tokens = (grad_scores @ router_weight.float()).to(tokens.dtype) if needs[3] else None
+        grad_weight = (grad_scores.t() @ tokens.float()).to(router_weight.dtype) if needs[4] else None
+        grad_bias = grad_scores.sum(0).to(router_weight.dtype) if ctx.has_bias and needs[5] else None
+        return None, None, None, grad_tokens, grad_weight, grad_bias, None
 
 
 def triton_route(
     tokens: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, k: int, mode: str,
-    counts: torch.Tensor | None,
-) -> torch.Tensor:  # fmt: skip
-    """Routing for gate="none" in one launch; arguments as `rank1_kernels.routing.route_reference` (validated there).
-    Nothing here carries gradient, so eager mode calls the body directly (no dispatcher, no autograd node) and
-    torch.compile traces the registered op."""
+    counts: torch.Tensor | None, gate: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Routing in one launch; arguments as `rank1_kernels.routing.route` (validated there). Returns idx and, for a
+    learned gate, the gates (with their gradient to tokens and router); None for gate="none". Eager mode calls the
+    kernel's host code directly (no dispatcher) and torch.compile traces the registered op."""
+    batch = mode == "batch"
     if torch.compiler.is_compiling():
-        return torch.ops.rank1.triton_route(tokens, router_weight, router_bias, k, mode == "batch", counts)
-    return _route(tokens, router_weight, router_bias, k, mode == "batch", counts)
+        # Detached: the op has no autograd formula; the gates get theirs from _RouterGradient below.
+        bias = router_bias.detach() if router_bias is not None else None
+        idx, gates, gates32 = torch.ops.rank1.triton_route(tokens.detach(), router_weight.detach(), bias, k, batch,
+                                                           gate, counts)  # fmt: skip
+    else:
+        idx, gates, gates32 = _route(tokens, router_weight, router_bias, k, batch, gate, counts)
+    if gate == "none":
+        return idx, None
+    differentiable = (tokens, router_weight) + ((router_bias,) if router_bias is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        gates = _RouterGradient.apply(gates, gates32, idx, tokens, router_weight, router_bias, gate)
+    return idx, gates

@@ -468,6 +468,20 @@ def test_launches_per_layer_call(monkeypatch, r, variant, routing):
     assert sorted(work.launches) == ["_fused_linear_kernel", "_group_outer_kernel", "_scatter_slots_kernel"]
 
 
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_learned_gates_forward_is_two_launches_too(monkeypatch, gate):
+    """The routing kernel writes learned gates too: the forward stays the routing kernel and the fused linear. (The
+    router's gradient adds torch ops to the backward, as its scatter and products are small.)"""
+    monkeypatch.setattr(triton_backend_module, "_may_read_back", lambda tensor: False)
+    monkeypatch.setattr(pool_linear_module, "check_expert_range", lambda idx, n_experts: None)
+    layer = FusedRank1PoolLinear(6, 4, r=12, k=3, gate=gate, backend="triton").train()
+    x = torch.randn(3, 20, 6, requires_grad=True)
+    layer(x)
+    with _DeviceWork(monkeypatch) as work:
+        layer(x)
+    assert sorted(work.launches) == ["_fused_linear_kernel", "_route_kernel"]
+
+
 def _pool_layer(backend, device, dtype=torch.float32):
     torch.manual_seed(11)
     layer = FusedRank1PoolLinear(10, 7, r=6, k=3, gate="softmax", backend=backend, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""The Triton routing kernel (scores, top k and activation counts in one launch) against `route_reference`.
+"""The Triton routing kernel (scores, top k, gates and activation counts in one launch) against `route_reference`.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1). The exact checks
 use small-integer inputs: every score is then the same number whatever the order of the sums, so the chosen experts
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from _tolerance import assert_close_by_rule
 
 from rank1_kernels import FusedRank1PoolLinear, resolve_backend, route
 from rank1_kernels.routing import route_reference
@@ -48,12 +50,13 @@ def test_kernel_chooses_and_counts_exactly_as_the_reference(shape, dtype, mode):
         tokens, weight, bias = _integer_inputs(n_samples, d_in, n_experts, dtype, _device(), with_bias, strided=strided)
         counts = torch.randint(0, 5, (n_experts,), device=_device())
         expected_counts = counts.clone()
-        expected = route_reference(tokens, weight, bias, k, mode, expected_counts)
-        idx = triton_route(tokens, weight, bias, k, mode, counts)
+        expected, _ = route_reference(tokens, weight, bias, k, mode, expected_counts)
+        idx, gates = triton_route(tokens, weight, bias, k, mode, counts)
         what = f"bias={with_bias}, strided={strided}"
         assert torch.equal(idx, expected), f"{what}: chose {idx.tolist()}, expected {expected.tolist()}"
+        assert gates is None, f"{what}: gate 'none' has no gates to write"
         assert torch.equal(counts, expected_counts), f"{what}: counts {counts.tolist()}, expected {expected_counts}"
-        assert torch.equal(triton_route(tokens, weight, bias, k, mode, None), expected), f"{what}: without counts"
+        assert torch.equal(triton_route(tokens, weight, bias, k, mode, None)[0], expected), f"{what}: without counts"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -64,7 +67,7 @@ def test_kernel_picks_the_best_scores_on_random_inputs(dtype):
     g = torch.Generator().manual_seed(3)
     shapes = ((40, 96), (48, 96), (48,))
     tokens, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in shapes)
-    idx = triton_route(*(t.to(_device(), dtype) for t in (tokens, weight, bias)), 6, "sample", None).cpu()
+    idx = triton_route(*(t.to(_device(), dtype) for t in (tokens, weight, bias)), 6, "sample", None)[0].cpu()
     low, high = (t.to(dtype).double() for t in (tokens, weight)), bias.to(dtype).double()
     exact = torch.nn.functional.linear(*low, high)
     slack = 2 * torch.finfo(dtype).eps * exact.abs().amax(dim=1, keepdim=True)
@@ -83,7 +86,7 @@ def test_non_finite_scores_still_give_distinct_experts_in_range():
     tokens[2, 0] = float("inf")
     weight = torch.randn(10, 8, device=_device())
     for mode in ("sample", "batch"):
-        idx = triton_route(tokens, weight, None, 5, mode, None)
+        idx, _ = triton_route(tokens, weight, None, 5, mode, None)
         assert idx.min() >= 0 and idx.max() < 10, idx
         assert all(len(set(row)) == 5 for row in idx.tolist()), idx
 
@@ -108,7 +111,7 @@ def test_who_routes():
     if _device().type == "cuda":
         assert resolve_backend("auto", "route", [tokens, weight, bias]).name == "triton"
     idx, gates = route(tokens, weight, bias, 3, backend="cuda")
-    assert torch.equal(idx, route_reference(tokens, weight, bias, 3)) and torch.equal(gates, torch.ones_like(gates))
+    assert torch.equal(idx, route_reference(tokens, weight, bias, 3)[0]) and torch.equal(gates, torch.ones_like(gates))
 
 
 def test_counts_must_fit_the_pool():
@@ -118,12 +121,58 @@ def test_counts_must_fit_the_pool():
             route(tokens, weight, bias, 3, counts=counts.to(_device()), backend="triton")
 
 
+def _gate_case(n_samples, d_in, n_experts, dtype, seed):
+    """Small-integer inputs (the same choice whatever the summation order) needing grad, and their fp64 copies."""
+    inputs = _integer_inputs(n_samples, d_in, n_experts, dtype, _device(), seed=seed)
+    low = [t.detach().clone().requires_grad_() for t in inputs]
+    oracle = [t.detach().double().requires_grad_() for t in inputs]
+    return low, oracle
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 12, 4), (20, 33, 17, 17), (5, 9, 1, 1), (4, 70, 40, 3)], ids=str)
+def test_learned_gates_and_their_router_gradient(shape, dtype, gate, mode):
+    """The kernel's gates (softmax over the chosen scores, or their sigmoid) and the router's gradient through them
+    (tokens, weight, bias) against the reference in the same dtype and an fp64 oracle, by the tolerance rule."""
+    n_samples, d_in, n_experts, k = shape
+    (tokens, weight, bias), oracle_inputs = _gate_case(n_samples, d_in, n_experts, dtype, seed=k)
+    reference_inputs = [t.detach().clone().requires_grad_() for t in (tokens, weight, bias)]
+    idx, gates = triton_route(tokens, weight, bias, k, mode, None, gate)
+    reference_idx, reference_gates = route_reference(*reference_inputs, k, mode, gate=gate)
+    oracle_idx, oracle_gates = route_reference(*oracle_inputs, k, mode, gate=gate)
+    assert torch.equal(idx, reference_idx) and torch.equal(idx, oracle_idx)
+    assert gates.dtype == dtype
+    assert_close_by_rule(gates, reference_gates, oracle_gates, f"{gate} gates")
+    weights = torch.randn(n_samples, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for name, ours, theirs, exact in zip(
+        ("tokens", "router weight", "router bias"),
+        torch.autograd.grad((gates * weights.to(gates)).sum(), (tokens, weight, bias)),
+        torch.autograd.grad((reference_gates * weights.to(reference_gates)).sum(), reference_inputs),
+        torch.autograd.grad((oracle_gates * weights.to(oracle_gates)).sum(), oracle_inputs),
+    ):
+        assert ours.dtype == dtype, name
+        assert_close_by_rule(ours, theirs, exact, f"d {name} through {gate} gates")
+
+
+def test_learned_gates_without_grad_carry_no_graph():
+    (tokens, weight, bias), _ = _gate_case(4, 8, 6, torch.float32, seed=0)
+    with torch.no_grad():
+        _, gates = triton_route(tokens, weight, bias, 3, "sample", None, "softmax")
+    assert gates.grad_fn is None and not gates.requires_grad
+    _, gates = triton_route(tokens.detach(), weight.detach(), bias.detach(), 3, "sample", None, "sigmoid")
+    assert gates.grad_fn is None
+
+
 def test_opcheck():
     tokens, weight, bias = _integer_inputs(5, 7, 9, torch.float32, _device())
     for batch in (False, True):
         counts = torch.zeros(9, dtype=torch.int64, device=_device())
-        torch.library.opcheck(torch.ops.rank1.triton_route.default, (tokens, weight, bias, 3, batch, counts))
-        torch.library.opcheck(torch.ops.rank1.triton_route.default, (tokens, weight, None, 3, batch, None))
+        for gate in ("none", "softmax", "sigmoid"):
+            args = (tokens, weight, bias, 3, batch, gate, counts)
+            torch.library.opcheck(torch.ops.rank1.triton_route.default, args)
+        torch.library.opcheck(torch.ops.rank1.triton_route.default, (tokens, weight, None, 3, batch, "none", None))
 
 
 def _gate_none_layers(routing, device):
@@ -182,8 +231,8 @@ def test_gpu_vit_b16_routing_matches_the_reference(n_experts, k, dtype, mode):
     cls_tokens = rows.select(1, 0)
     counts = torch.zeros(n_experts, dtype=torch.int64, device="cuda")
     expected_counts = counts.clone()
-    expected = route_reference(cls_tokens, weight, bias, k, mode, expected_counts)
-    assert torch.equal(triton_route(cls_tokens, weight, bias, k, mode, counts), expected)
+    expected, _ = route_reference(cls_tokens, weight, bias, k, mode, expected_counts)
+    assert torch.equal(triton_route(cls_tokens, weight, bias, k, mode, counts)[0], expected)
     assert torch.equal(counts, expected_counts)
 
 
@@ -197,12 +246,12 @@ def test_gpu_routing_captures_in_a_cuda_graph():
     """Replaying the captured routing chooses again and counts again, with no host sync inside."""
     tokens, weight, bias = _integer_inputs(32, 768, 64, torch.bfloat16, torch.device("cuda"))
     counts = torch.zeros(64, dtype=torch.int64, device="cuda")
-    expected = route_reference(tokens, weight, bias, 8, "sample")
+    expected, _ = route_reference(tokens, weight, bias, 8, "sample")
     triton_route(tokens, weight, bias, 8, "sample", counts)  # compile outside the capture
     counts.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        idx = triton_route(tokens, weight, bias, 8, "sample", counts)
+        idx, _ = triton_route(tokens, weight, bias, 8, "sample", counts)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()

@@ -102,20 +102,24 @@ def compile_all(arch: int) -> None:
         compile_for_gpu(ta._ago_grad_kernel, arch, {"grad_loss_ptr": "*fp32", "own_ptr": t, "other_ptr": t,
                         "own_mask_ptr": "*fp32", "other_mask_ptr": "*fp32", "table_ptr": "*i64", "dphi_ptr": "*fp32",
                         "out_ptr": t}, {"OWN_IS_CUR": True, "BLOCK_D": 64, "BLOCK_A": 16, "BLOCK_B": 32})  # fmt: skip
-        # Routing: both modes, with and without bias and counts, from the fewest experts to the most it takes.
-        for batch, has_bias, count, experts in itertools.product((False, True), (False, True), (False, True),
-                                                                 (16, tr.MAX_EXPERTS)):  # fmt: skip
-            compile_route(arch, dtype, batch, has_bias, count, experts)
+        # Routing: both modes, every gate, with and without bias and counts, from the fewest experts to the most.
+        for batch, gate, has_bias, count, experts in itertools.product(
+            (False, True), tr.GATE_CODES.values(), (False, True), (False, True), (16, tr.MAX_EXPERTS)
+        ):
+            compile_route(arch, dtype, batch, has_bias, count, experts, gate=gate)
 
 
-def compile_route(arch: int, dtype: str, batch: bool, has_bias: bool, count: bool, n_experts: int, d_in: int = 768):
+def compile_route(arch: int, dtype: str, batch: bool, has_bias: bool, count: bool, n_experts: int, d_in: int = 768,
+                  gate: int = 0, k: int = 8):  # fmt: skip
     """The routing kernel at the launch settings `route_launch` picks."""
     t = "*" + dtype
     settings = dict(tr.route_launch(n_experts, d_in))
     launch = {"num_warps": settings.pop("num_warps"), "num_stages": settings.pop("num_stages")}
-    return compile_for_gpu(tr._route_kernel, arch, {"tok_ptr": t, "w_ptr": t, "bias_ptr": t, "idx_ptr": "*i64",
-                           "counts_ptr": "*i64"}, {"HAS_BIAS": has_bias, "COUNT": count, "BATCH": batch, **settings,
-                           "DOT_PRECISION": DOT_PRECISION[dtype], "UPCAST_DOT": False}, **launch)  # fmt: skip
+    pointers = {"tok_ptr": t, "w_ptr": t, "bias_ptr": t, "idx_ptr": "*i64", "counts_ptr": "*i64", "gate_ptr": t,
+                "gate32_ptr": "*fp32"}  # fmt: skip
+    constants = {"HAS_BIAS": has_bias, "COUNT": count, "BATCH": batch, "GATE": gate, "BLOCK_K": tr._slots_block(k),
+                 **settings, "DOT_PRECISION": DOT_PRECISION[dtype], "UPCAST_DOT": False}  # fmt: skip
+    return compile_for_gpu(tr._route_kernel, arch, pointers, constants, **launch)
 
 
 def register_use(ptx: str, arch: int) -> dict:
@@ -131,16 +135,24 @@ def register_use(ptx: str, arch: int) -> dict:
     return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
+# The routing kernel runs one small program per 16 samples: a few spilled words cost nothing measurable, and ptxas
+# spills 4 to 76 bytes or none depending on the Triton version and tile for the same kernel. A bad tile choice spills
+# kilobytes (4 warps over 1024 experts: 12 KB), which this catches.
+MAX_ROUTE_SPILL_BYTES = 128
+
+
 def check_route(arch: int, report: bool) -> None:
-    """The routing kernel at the pool sizes of the speed targets (r in {12, 64, 256}), both modes, every dtype: no
-    register spills, shared memory within the arch's limit."""
-    for dtype, batch, n_experts in itertools.product(DTYPES, (False, True), (12, 64, 256)):
-        compiled = compile_route(arch, dtype, batch, True, True, n_experts)
+    """The routing kernel at the pool sizes of the speed targets (r in {12, 64, 256}, and 100 between), both modes,
+    every dtype, gates none and softmax (k = 8): at most a few spilled words, shared memory within the arch's
+    limit."""
+    for dtype, batch, gate, n_experts in itertools.product(DTYPES, (False, True), ("none", "softmax"),
+                                                           (12, 64, 100, 256)):  # fmt: skip
+        compiled = compile_route(arch, dtype, batch, True, True, n_experts, gate=tr.GATE_CODES[gate])
         found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
-        what = f"sm_{arch} {dtype} routing ({'batch' if batch else 'sample'}, r={n_experts})"
+        what = f"sm_{arch} {dtype} routing ({'batch' if batch else 'sample'}, gate {gate}, r={n_experts})"
         if report:
             print(what, found)
-        assert found["spill_bytes"] == 0, f"{what}: registers spill: {found}"
+        assert found["spill_bytes"] <= MAX_ROUTE_SPILL_BYTES, f"{what}: registers spill: {found}"
         assert found["shared_bytes"] <= SHARED_LIMIT[arch], f"{what}: more shared memory than a block gets: {found}"
 
 
