@@ -66,6 +66,23 @@ class _StandInSm90:
         return 0
 
 
+class _WritesValidIndices:
+    """Wraps the routing kernel's stand-in: its idx output (argument 7) gets expert 0 everywhere, through numpy
+    (about a microsecond), since the router's gradient through learned gates scatters at idx with a torch op."""
+
+    def __init__(self, stand_in):
+        self.stand_in = stand_in
+
+    def __getitem__(self, grid):
+        launch = self.stand_in[grid]
+
+        def run(*args, **kwargs):
+            launch(*args, **kwargs)
+            args[7].numpy().fill(0)
+
+        return run
+
+
 def replace_kernels(launch_path: bool) -> None:
     """Swap every kernel the Triton backend launches (checked against KERNELS) for a no-op or its launch path."""
     kind = "JITFunction" if launch_path else "InterpretedFunction"
@@ -76,7 +93,8 @@ def replace_kernels(launch_path: bool) -> None:
         if launched != set(names):
             raise SystemExit(f"bench.host_overhead: {module_name} launches {sorted(launched)}; update KERNELS")
         for name in names:
-            setattr(module, name, _LaunchPathOnly(getattr(module, name)) if launch_path else _NoLaunch())
+            stand_in = _LaunchPathOnly(getattr(module, name)) if launch_path else _NoLaunch()
+            setattr(module, name, _WritesValidIndices(stand_in) if name == "_route_kernel" else stand_in)
     if launch_path:
         from triton.runtime import driver
 
@@ -100,8 +118,9 @@ def median_us(call: Callable[[], object], samples: int, warmup: int = 50) -> flo
 
 
 def measure(samples: int) -> dict[str, float]:
-    """Median microseconds per call: pool layers (mask variant at r = 12, gather at r = 64) and nn.Linear, forward
-    and forward+backward; the grouped AGO loss over 144 layers (ViT-B/16's d_out / 64, so that copies stay small)."""
+    """Median microseconds per call: pool layers (mask variant at r = 12, gather at r = 64; gate "none", and a
+    softmax-gated one at r = 12 whose backward includes the router's gradient) and nn.Linear, forward and
+    forward+backward; the grouped AGO loss over 144 layers (ViT-B/16's d_out / 64, so that copies stay small)."""
     import torch
     from torch import nn
 
@@ -111,16 +130,18 @@ def measure(samples: int) -> dict[str, float]:
     results = {}
     x = torch.randn(3, 20, 16, requires_grad=True)
     linear = nn.Linear(16, 16).requires_grad_(False)
-    for r in (12, 64):
-        layer = FusedRank1PoolLinear.from_linear(linear, r=r, k=4, backend="triton").train()
-        params = (x, layer.lora_A, layer.lora_B)
+    for r, gate in ((12, "none"), (64, "none"), (12, "softmax")):
+        layer = FusedRank1PoolLinear.from_linear(linear, r=r, k=4, gate=gate, backend="triton").train()
+        params = (x, layer.lora_A, layer.lora_B, *layer.router.parameters()) if gate != "none" else (
+            x, layer.lora_A, layer.lora_B)  # fmt: skip
 
         def forward_backward(layer=layer, params=params):
             y = layer(x)
             torch.autograd.grad(y, params, torch.ones_like(y))
 
-        results[f"pool r={r} forward"] = median_us(lambda layer=layer: layer(x), samples)
-        results[f"pool r={r} forward+backward"] = median_us(forward_backward, samples)
+        name = f"pool r={r}" + (f" {gate}" if gate != "none" else "")
+        results[f"{name} forward"] = median_us(lambda layer=layer: layer(x), samples)
+        results[f"{name} forward+backward"] = median_us(forward_backward, samples)
 
     def linear_forward_backward():
         y = linear(x)

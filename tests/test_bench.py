@@ -530,7 +530,8 @@ def test_host_overhead_script_times_every_row(tmp_path, launch_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.read_text())["launch_path"] == launch_path
     medians = json.loads(out.read_text())["median_us"]
-    rows = [f"pool r={r} {direction}" for r in (12, 64) for direction in ("forward", "forward+backward")]
+    pools = ("pool r=12", "pool r=64", "pool r=12 softmax")
+    rows = [f"{pool} {direction}" for pool in pools for direction in ("forward", "forward+backward")]
     rows += ["nn.Linear forward", "nn.Linear forward+backward", "AGO 144 layers forward+backward"]
     assert list(medians) == rows and all(value > 0 for value in medians.values())
 
