@@ -172,21 +172,23 @@ GATE_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
 
 
 def _route(tokens, router_weight, router_bias, k, batch, gate, counts):
-    """idx (n_samples, k) int64, and for a learned gate its gates in the input dtype and in fp32 (else empty); counts
-    (r,) int64 or None gets the choices added in place."""
+    """idx (n_samples, k) int64, and for a learned gate its gates in the input dtype and in fp32 (None, None for
+    gate="none": no allocation); counts (r,) int64 or None gets the choices added in place."""
     n_samples, d_in = tokens.shape
     n_experts = router_weight.shape[0]
     idx = torch.empty(n_samples, k, device=tokens.device, dtype=torch.int64)
-    gate_shape = (n_samples, k) if gate != "none" else (0,)
-    gates = torch.empty(gate_shape, device=tokens.device, dtype=tokens.dtype)
-    gates32 = torch.empty(gate_shape, device=tokens.device, dtype=torch.float32)
+    gates = gates32 = None
+    if gate != "none":
+        gates = torch.empty(n_samples, k, device=tokens.device, dtype=tokens.dtype)
+        gates32 = torch.empty(n_samples, k, device=tokens.device, dtype=torch.float32)
     if n_samples == 0:
         return idx, gates, gates32
     grid = (1,) if batch else (_cdiv(n_samples, _BLOCK_SAMPLES),)
+    # Unused pointer arguments still need a tensor; idx stands in, and the constexpr flags skip every access.
     _route_kernel[grid](
         tokens, tokens.stride(0), tokens.stride(1), router_weight, router_weight.stride(0), router_weight.stride(1),
         router_bias if router_bias is not None else router_weight, idx, counts if counts is not None else idx,
-        gates, gates32, n_samples, n_experts, d_in, k,
+        gates if gates is not None else idx, gates32 if gates32 is not None else idx, n_samples, n_experts, d_in, k,
         HAS_BIAS=router_bias is not None, COUNT=counts is not None, BATCH=batch, GATE=GATE_CODES[gate],
         BLOCK_K=_slots_block(k), **route_launch(n_experts, d_in), **_dot_config(tokens.dtype),
     )  # fmt: skip
@@ -205,7 +207,10 @@ def triton_route_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """idx (n_samples, k) int64, and for a learned gate its gates in the input dtype and in fp32 (else empty);
     counts, when given, gets the choices added in place. No autograd: `_RouterGradient` gives the gates theirs."""
-    return _route(tokens, router_weight, router_bias, k, batch, gate, counts)
+    idx, gates, gates32 = _route(tokens, router_weight, router_bias, k, batch, gate, counts)
+    if gates is None:  # an op's outputs are tensors, and may not alias each other
+        gates, gates32 = tokens.new_empty(0), tokens.new_empty(0, dtype=torch.float32)
+    return idx, gates, gates32
 
 
 @triton_route_op.register_fake

@@ -115,8 +115,10 @@ def compile_route(arch: int, dtype: str, batch: bool, has_bias: bool, count: boo
     t = "*" + dtype
     settings = dict(tr.route_launch(n_experts, d_in))
     launch = {"num_warps": settings.pop("num_warps"), "num_stages": settings.pop("num_stages")}
-    pointers = {"tok_ptr": t, "w_ptr": t, "bias_ptr": t, "idx_ptr": "*i64", "counts_ptr": "*i64", "gate_ptr": t,
-                "gate32_ptr": "*fp32"}  # fmt: skip
+    # Without learned gates (gate 0) idx stands in for the gate pointers, as at a launch.
+    gate_types = (t, "*fp32") if gate else ("*i64", "*i64")
+    pointers = {"tok_ptr": t, "w_ptr": t, "bias_ptr": t, "idx_ptr": "*i64", "counts_ptr": "*i64",
+                "gate_ptr": gate_types[0], "gate32_ptr": gate_types[1]}  # fmt: skip
     constants = {"HAS_BIAS": has_bias, "COUNT": count, "BATCH": batch, "GATE": gate, "BLOCK_K": tr._slots_block(k),
                  **settings, "DOT_PRECISION": DOT_PRECISION[dtype], "UPCAST_DOT": False}  # fmt: skip
     return compile_for_gpu(tr._route_kernel, arch, pointers, constants, **launch)
