@@ -9,8 +9,8 @@ through Triton's own launch path instead (binding and specializing the arguments
 launch, for a stand-in sm_90 device; the kernels are compiled for sm_90 on first use (minutes). On a GPU, the bench's
 `events` rows minus its `cuda-graph` rows give the whole host cost.
 
-Shapes are tiny, so the torch ops that do run cost their dispatch, as launches do on a GPU. The checks that read values back (finite routing scores, expert range) are switched off, as
-they are on a GPU by default. Compare numbers from one machine and one run only (`--json` keeps them). It must run
+Shapes are tiny, so the torch ops that do run cost their dispatch, as launches do on a GPU. The checks that read
+values back (finite routing scores, expert range) are switched off, as they are on a GPU by default. Compare numbers from one machine and one run only (`--json` keeps them). It must run
 in its own process: it sets TRITON_INTERPRET before Triton is imported.
 """
 

@@ -7,8 +7,8 @@ and may implement the routing (`rank1_kernels.routing.route_reference`):
     route(tokens, router_weight, router_bias, k, mode, counts, check_finite, gate) -> idx, gates
 `backend="auto"` takes the first backend in priority order that accepts the inputs; a backend forced by name
 that cannot run raises an error naming the reason and the fix. Routing is not what a backend is chosen for: where
-the chosen one has no routing kernel or refuses the inputs, the reference routes. Fast backends register themselves from their
-own modules (imported lazily, so a missing Triton or CUDA extension never breaks `import rank1_kernels`).
+the chosen one has no routing kernel or refuses the inputs, the reference routes. Fast backends register themselves
+from their own modules (imported lazily, so a missing Triton or CUDA extension never breaks `import rank1_kernels`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ class TritonBackend(Backend):
             half = len(tensors) // 2
             return ago_refuse_reason(tensors[:half], tensors[half:])
         if op == "route" and tensors[1].shape[0] > MAX_EXPERTS:
-            return f"the routing kernel holds at most {MAX_EXPERTS} experts' scores per sample, got r={tensors[1].shape[0]}"
+            n_experts = tensors[1].shape[0]
+            return f"the routing kernel holds at most {MAX_EXPERTS} experts' scores per sample, got r={n_experts}"
         return None
 
     def auto_ok(self, op, tensors):

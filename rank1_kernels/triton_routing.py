@@ -163,7 +163,8 @@ def _route_kernel(
             tl.store(idx_ptr + samples * k + j, chosen.to(tl.int64), mask=sample_ok)
             if COUNT:
                 tl.atomic_add(counts_ptr + chosen, tl.full((BLOCK_S,), 1, tl.int64), mask=sample_ok)
-            chosen_scores = tl.where(slots[None, :] == j, best[:, None], chosen_scores)
+            if GATE != 0:
+                chosen_scores = tl.where(slots[None, :] == j, best[:, None], chosen_scores)
         if GATE != 0:
             _store_gates(chosen_scores, gate_ptr, gate32_ptr, samples, sample_ok, slots, k, GATE)
 
