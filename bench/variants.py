@@ -6,11 +6,12 @@ The Triton pool linear decides two things from the shapes (rank1_kernels.triton_
     shrink   "fused" computes the rank activations inside the base GEMM's K loop; "separate" runs a shrink kernel
              before it (`choose_shrink`, per GEMM launch).
 `register_triton_variants()` adds backends "triton-gather" and "triton-mask" (variant pinned, shrink chosen as
-usual) and "triton-shrink-fused" and "triton-shrink-separate" (shrink pinned, variant chosen as usual). They accept
-what the "triton" backend accepts (the fused pin also refuses a pool whose slots do not fit the fused shrink, rather
-than being timed as the separate one), route with the Triton routing kernel as "triton" does, refuse the AGO op (it
-has one kernel, timed as "triton"), and sit after every real backend in priority, so backend="auto" never picks
-them.
+usual), "triton-shrink-fused" and "triton-shrink-separate" (shrink pinned, variant chosen as usual), and
+"triton-torch-routing" (nothing pinned, routed by PyTorch instead of the routing kernel). They accept what the
+"triton" backend accepts (the fused pin also refuses a pool whose slots do not fit the fused shrink, rather than
+being timed as the separate one), route with the routing kernel as "triton" does (all but the last), refuse the
+AGO op (it has one kernel, timed as "triton"), and sit after every real backend in priority, so backend="auto"
+never picks them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def register_triton_variants() -> tuple[list[str], str | None]:
             return tp.triton_pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input,
                                          variant=self.variant, shrink=self.shrink)  # fmt: skip
 
+    class TorchRouting(Pinned):
+        """The Triton pool linear as "triton" runs it, routed by PyTorch (no routing kernel): against pool[triton],
+        what the routing kernel saves."""
+
+        name = "triton-torch-routing"
+        optional_ops = ()
+
     pins = [{"variant": v} for v in tp.VARIANTS] + [{"shrink": s} for s in tp.SHRINKS]
     names = []
     for offset, pin in enumerate(pins):
@@ -63,4 +71,6 @@ def register_triton_variants() -> tuple[list[str], str | None]:
         backend = type(f"PinnedTriton_{label.replace('-', '_')}", (Pinned,), {"name": f"triton-{label}", **pin})
         register_backend(backend.name, VARIANT_PRIORITY + offset, backend)
         names.append(backend.name)
+    register_backend(TorchRouting.name, VARIANT_PRIORITY + len(pins), TorchRouting)
+    names.append(TorchRouting.name)
     return names, None

@@ -308,7 +308,7 @@ def test_cli_times_a_fast_backend_forced_on_cpu(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    pinned = ("triton-gather", "triton-mask", "triton-shrink-fused", "triton-shrink-separate")
+    pinned = ("triton-gather", "triton-mask", "triton-shrink-fused", "triton-shrink-separate", "triton-torch-routing")
     for method in ("pool[triton]", *(f"pool[{name}]" for name in pinned)):
         timed = [row for row in rows if row["method"] == method]
         assert timed and all(row["status"] == "ok" and float(row["median_ms"]) > 0 for row in timed), [
@@ -334,10 +334,13 @@ def test_pinned_fused_shrink_refuses_a_pool_too_wide_for_it():
     with pytest.raises(RuntimeError, match="mask variant has 40 slots per row; the fused shrink holds at most 32"):
         resolve_backend("triton-shrink-fused", "pool_linear", tensors(40, 30))
     assert resolve_backend("triton-shrink-separate", "pool_linear", tensors(40, 30)).name == "triton-shrink-separate"
-    # Every pinned row routes with the routing kernel, as pool[triton] does: the rows differ in the pin alone.
+    # Every pinned row routes with the routing kernel, as pool[triton] does: the rows differ in the pin alone. The
+    # torch-routing row differs from pool[triton] in its routing alone.
     router_inputs = [torch.randn(2, 8, device=device), torch.randn(12, 8, device=device)]
     for name in names:
-        assert resolve_backend(name, "route", router_inputs).name == name
+        expected = "reference" if name == "triton-torch-routing" else name
+        assert resolve_backend(name, "route", router_inputs).name == expected
+    assert resolve_backend("triton-torch-routing", "pool_linear", tensors(12, 8)).name == "triton-torch-routing"
 
 
 def test_cli_time_budget_skips_groups_but_still_writes_results(tmp_path):
