@@ -29,7 +29,7 @@ KERNELS = {
     "rank1_kernels.triton_pool_linear": ("_shrink_kernel", "_fused_linear_kernel", "_group_outer_kernel",
                                          "_gate_grad_kernel", "_scatter_slots_kernel"),
     "rank1_kernels.triton_ago": ("_ago_gram_kernel", "_ago_grad_kernel"),
-    "rank1_kernels.triton_routing": ("_route_kernel",),
+    "rank1_kernels.triton_routing": ("_route_kernel", "_router_grad_kernel"),
 }  # fmt: skip
 
 

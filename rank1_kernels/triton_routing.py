@@ -12,9 +12,9 @@ itself, and GPU time between graph-replayed kernels.
     counts[e] += how many (sample, choice) pairs chose e                                           (counts given)
 
 which is `rank1_kernels.routing.route_reference` (ranking on scores rounded as F.linear rounds them, so a tie there
-is a tie here). The scores are never written out; learned gates get their gradient to the router from
-`_RouterGradient` (torch ops on the fp32 gates). The counts are integers added atomically, so the order of the adds
-does not change the result. A NaN score ranks as +inf (torch's sort puts NaN first): only reachable with the
+is a tie here). The scores are never written out. Learned gates get their gradient to the router from
+`_RouterGradient`: one more launch in the backward (`_router_grad_kernel`, from the fp32 gates), in place of a dozen
+small torch ops. The counts are integers added atomically, so the order of the adds does not change the result. A NaN score ranks as +inf (torch's sort puts NaN first): only reachable with the
 device-sync checks off, and never an index outside [0, r).
 """
 
@@ -169,6 +169,66 @@ def _route_kernel(
             _store_gates(chosen_scores, gate_ptr, gate32_ptr, samples, sample_ok, slots, k, GATE)
 
 
+@triton.jit
+def _router_grad_kernel(
+    grad_gate_ptr, stride_grad_sample, stride_grad_slot, gate32_ptr, idx_ptr, tok_ptr, stride_tok_sample,
+    stride_tok_d, w_ptr, stride_w_expert, stride_w_d, grad_tok_ptr, grad_w_ptr, grad_bias_ptr, n_samples, n_experts,
+    d_in, k,
+    GATE: tl.constexpr, NEED_TOKENS: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The router's gradient through learned gates (see `_RouterGradient`), in fp32 with fp32 products. One program
+    per block of BLOCK_D input columns walks every sample block in order: it owns its columns of d_tokens and d_W
+    (no atomics, so the sums are the same run to run), and program 0 also sums d_bias. The scores' gradient is small
+    ((samples, r)) and each program computes it again rather than reading it from another launch."""
+    ds = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < d_in
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < n_experts
+    slots = tl.arange(0, BLOCK_K)
+    slot_ok = slots < k
+    if NEED_TOKENS:
+        weights = tl.load(w_ptr + experts[:, None] * stride_w_expert + ds[None, :] * stride_w_d,
+                          mask=expert_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    grad_w = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+    grad_bias = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for s0 in range(0, n_samples, BLOCK_S):
+        samples = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+        sample_ok = samples < n_samples
+        tile_ok = sample_ok[:, None] & slot_ok[None, :]
+        gates = tl.load(gate32_ptr + samples[:, None] * k + slots[None, :], mask=tile_ok, other=0.0)
+        grad_gates = tl.load(grad_gate_ptr + samples[:, None] * stride_grad_sample + slots[None, :] * stride_grad_slot,
+                             mask=tile_ok, other=0.0).to(tl.float32)  # fmt: skip
+        if GATE == 1:  # softmax over the chosen: g (dg - sum_j dg_j g_j)
+            grad_chosen = gates * (grad_gates - tl.sum(grad_gates * gates, axis=1)[:, None])
+        else:  # sigmoid: dg g (1 - g)
+            grad_chosen = grad_gates * gates * (1.0 - gates)
+        chosen = tl.load(idx_ptr + samples[:, None] * k + slots[None, :], mask=tile_ok, other=-1)
+        # Scatter to the chosen experts. A sample's k experts are distinct, so each score gets at most one term.
+        grad_scores = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
+        for j in range(k):
+            in_slot = slots[None, :] == j
+            expert = tl.sum(tl.where(in_slot, chosen, 0), axis=1)
+            value = tl.sum(tl.where(in_slot, grad_chosen, 0.0), axis=1)
+            grad_scores += tl.where((experts[None, :] == expert[:, None]) & sample_ok[:, None], value[:, None], 0.0)
+        if NEED_TOKENS:
+            grad_tokens = tl.dot(grad_scores, weights, input_precision="ieee")
+            tl.store(grad_tok_ptr + samples[:, None] * d_in + ds[None, :],
+                     grad_tokens.to(grad_tok_ptr.dtype.element_ty), mask=sample_ok[:, None] & d_ok[None, :])  # fmt: skip
+        if NEED_WEIGHT:
+            tokens = tl.load(tok_ptr + samples[:, None] * stride_tok_sample + ds[None, :] * stride_tok_d,
+                             mask=sample_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            grad_w = tl.dot(tl.trans(grad_scores), tokens, grad_w, input_precision="ieee")
+        if NEED_BIAS:
+            grad_bias += tl.sum(grad_scores, axis=0)
+    if NEED_WEIGHT:
+        tl.store(grad_w_ptr + experts[:, None] * d_in + ds[None, :], grad_w.to(grad_w_ptr.dtype.element_ty),
+                 mask=expert_ok[:, None] & d_ok[None, :])  # fmt: skip
+    if NEED_BIAS:
+        tl.store(grad_bias_ptr + experts, grad_bias.to(grad_bias_ptr.dtype.element_ty),
+                 mask=expert_ok & (tl.program_id(0) == 0))  # fmt: skip
+
+
 GATE_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
 
 
@@ -221,6 +281,46 @@ def _(tokens, router_weight, router_bias, k, batch, gate, counts):
             tokens.new_empty(gate_shape, dtype=torch.float32))  # fmt: skip
 
 
+def _router_grad(grad_gates, gates32, idx, tokens, router_weight, gate, need_tokens, need_weight, need_bias):
+    """The router's gradient through learned gates in one launch: d_tokens (n_samples, d_in) in the tokens' dtype,
+    d_W (r, d_in) and d_bias (r,) in the router weight's dtype; None for each one not needed."""
+    n_samples, d_in = tokens.shape
+    n_experts = router_weight.shape[0]
+    device, weight_dtype = tokens.device, router_weight.dtype
+    grad_tokens = torch.empty(n_samples, d_in, device=device, dtype=tokens.dtype) if need_tokens else None
+    grad_weight = torch.empty(n_experts, d_in, device=device, dtype=weight_dtype) if need_weight else None
+    grad_bias = torch.empty(n_experts, device=device, dtype=weight_dtype) if need_bias else None
+    launch = route_launch(n_experts, d_in)
+    # Unused pointer arguments still need a tensor; idx stands in, and the constexpr flags skip every access.
+    _router_grad_kernel[(max(1, _cdiv(d_in, launch["BLOCK_D"])),)](
+        grad_gates, grad_gates.stride(0), grad_gates.stride(1), gates32, idx, tokens, tokens.stride(0),
+        tokens.stride(1), router_weight, router_weight.stride(0), router_weight.stride(1),
+        grad_tokens if need_tokens else idx, grad_weight if need_weight else idx, grad_bias if need_bias else idx,
+        n_samples, n_experts, d_in, idx.shape[1],
+        GATE=GATE_CODES[gate], NEED_TOKENS=need_tokens, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
+        BLOCK_K=_slots_block(idx.shape[1]), **launch,
+    )  # fmt: skip
+    return grad_tokens, grad_weight, grad_bias
+
+
+@torch.library.custom_op("rank1::triton_route_grad", mutates_args=())
+def triton_route_grad_op(
+    grad_gates: torch.Tensor, gates32: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor,
+    router_weight: torch.Tensor, gate: str, need_tokens: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`_router_grad` as an op for torch.compile: each gradient not needed comes back empty."""
+    grads = _router_grad(grad_gates, gates32, idx, tokens, router_weight, gate, need_tokens, need_weight, need_bias)
+    return tuple(grad if grad is not None else tokens.new_empty(0) for grad in grads)
+
+
+@triton_route_grad_op.register_fake
+def _(grad_gates, gates32, idx, tokens, router_weight, gate, need_tokens, need_weight, need_bias):
+    n_experts, weight_dtype = router_weight.shape[0], router_weight.dtype
+    return (tokens.new_empty(tokens.shape if need_tokens else (0,)),
+            tokens.new_empty((n_experts, tokens.shape[1]) if need_weight else (0,), dtype=weight_dtype),
+            tokens.new_empty((n_experts,) if need_bias else (0,), dtype=weight_dtype))  # fmt: skip
+
+
 class _RouterGradient(torch.autograd.Function):
     """Gives the kernel's gates their gradient to the router: identity forward, and backward
 
@@ -228,7 +328,8 @@ class _RouterGradient(torch.autograd.Function):
         d_scores = d_chosen scattered to the chosen experts                         (n_samples, r)
         d_tokens = d_scores W,  d_W = d_scores^T tokens,  d_bias = sum over samples of d_scores
 
-    in fp32 (the reference's autograd runs them in the input dtype), rounded once into each input's dtype."""
+    in fp32 (the reference's autograd runs them in the input dtype), rounded once into each input's dtype: one
+    launch of `_router_grad_kernel`."""
 
     @staticmethod
     def forward(ctx, gates, gates32, idx, tokens, router_weight, router_bias, gate):
@@ -240,17 +341,14 @@ class _RouterGradient(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_gates):
         gates32, idx, tokens, router_weight = ctx.saved_tensors
-        grad_gates = grad_gates.float()
-        if ctx.gate == "softmax":
-            grad_chosen = gates32 * (grad_gates - (grad_gates * gates32).sum(-1, keepdim=True))
-        else:
-            grad_chosen = grad_gates * gates32 * (1 - gates32)
-        grad_scores = grad_chosen.new_zeros(idx.shape[0], router_weight.shape[0]).scatter_add_(1, idx, grad_chosen)
         needs = ctx.needs_input_grad
-        grad_tokens = (grad_scores @ router_weight.float()).to(tokens.dtype) if needs[3] else None
-        grad_weight = (grad_scores.t() @ tokens.float()).to(router_weight.dtype) if needs[4] else None
-        grad_bias = grad_scores.sum(0).to(router_weight.dtype) if ctx.has_bias and needs[5] else None
-        return None, None, None, grad_tokens, grad_weight, grad_bias, None
+        need = (needs[3], needs[4], ctx.has_bias and needs[5])
+        if torch.compiler.is_compiling():
+            grads = torch.ops.rank1.triton_route_grad(grad_gates, gates32, idx, tokens, router_weight, ctx.gate, *need)
+            grads = tuple(grad if needed else None for grad, needed in zip(grads, need))
+        else:
+            grads = _router_grad(grad_gates, gates32, idx, tokens, router_weight, ctx.gate, *need)
+        return None, None, None, *grads, None
 
 
 def triton_route(

@@ -121,23 +121,18 @@ def test_counts_must_fit_the_pool():
             route(tokens, weight, bias, 3, counts=counts.to(_device()), backend="triton")
 
 
-def _gate_case(n_samples, d_in, n_experts, dtype, seed):
+def _gate_case(n_samples, d_in, n_experts, dtype, seed, strided=False):
     """Small-integer inputs (the same choice whatever the summation order) needing grad, and their fp64 copies."""
-    inputs = _integer_inputs(n_samples, d_in, n_experts, dtype, _device(), seed=seed)
+    inputs = _integer_inputs(n_samples, d_in, n_experts, dtype, _device(), seed=seed, strided=strided)
     low = [t.detach().clone().requires_grad_() for t in inputs]
     oracle = [t.detach().double().requires_grad_() for t in inputs]
     return low, oracle
 
 
-@pytest.mark.parametrize("mode", ["sample", "batch"])
-@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(3, 7, 12, 4), (20, 33, 17, 17), (5, 9, 1, 1), (4, 70, 40, 3)], ids=str)
-def test_learned_gates_and_their_router_gradient(shape, dtype, gate, mode):
+def _check_learned_gates(n_samples, d_in, n_experts, k, dtype, gate, mode, strided=False):
     """The kernel's gates (softmax over the chosen scores, or their sigmoid) and the router's gradient through them
     (tokens, weight, bias) against the reference in the same dtype and an fp64 oracle, by the tolerance rule."""
-    n_samples, d_in, n_experts, k = shape
-    (tokens, weight, bias), oracle_inputs = _gate_case(n_samples, d_in, n_experts, dtype, seed=k)
+    (tokens, weight, bias), oracle_inputs = _gate_case(n_samples, d_in, n_experts, dtype, seed=k, strided=strided)
     reference_inputs = [t.detach().clone().requires_grad_() for t in (tokens, weight, bias)]
     idx, gates = triton_route(tokens, weight, bias, k, mode, None, gate)
     reference_idx, reference_gates = route_reference(*reference_inputs, k, mode, gate=gate)
@@ -154,6 +149,28 @@ def test_learned_gates_and_their_router_gradient(shape, dtype, gate, mode):
     ):
         assert ours.dtype == dtype, name
         assert_close_by_rule(ours, theirs, exact, f"d {name} through {gate} gates")
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 12, 4), (20, 33, 17, 17), (5, 9, 1, 1), (4, 70, 40, 3)], ids=str)
+def test_learned_gates_and_their_router_gradient(shape, dtype, gate, mode):
+    """Odd and prime sizes, more samples than a block (16), inputs wider than one column block, k = r."""
+    _check_learned_gates(*shape, dtype, gate, mode, strided=shape[0] == 4)
+
+
+def test_router_gradient_gives_only_the_gradients_asked_for():
+    """Each of d_tokens, d_W and d_bias alone (the others not requiring grad), against the reference."""
+    inputs, _ = _gate_case(6, 21, 10, torch.float32, seed=2)
+    for wanted in range(3):
+        ours = [t.detach().clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        theirs = [t.detach().clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        _, gates = triton_route(*ours, 3, "sample", None, "sigmoid")
+        _, reference_gates = route_reference(*theirs, 3, "sample", gate="sigmoid")
+        (grad,) = torch.autograd.grad(gates.square().sum(), ours[wanted])
+        (reference_grad,) = torch.autograd.grad(reference_gates.square().sum(), theirs[wanted])
+        torch.testing.assert_close(grad, reference_grad)
 
 
 def test_learned_gates_without_grad_carry_no_graph():
@@ -173,6 +190,11 @@ def test_opcheck():
             args = (tokens, weight, bias, 3, batch, gate, counts)
             torch.library.opcheck(torch.ops.rank1.triton_route.default, args)
         torch.library.opcheck(torch.ops.rank1.triton_route.default, (tokens, weight, None, 3, batch, "none", None))
+    idx, _, gates32 = torch.ops.rank1.triton_route(tokens, weight, bias, 3, False, "softmax", None)
+    grad_gates = torch.randn(5, 3, device=_device())
+    for gate, needs in itertools.product(("softmax", "sigmoid"), ((True, True, True), (False, True, False))):
+        args = (grad_gates, gates32, idx, tokens, weight, gate, *needs)
+        torch.library.opcheck(torch.ops.rank1.triton_route_grad.default, args)
 
 
 def _gate_none_layers(routing, device):
@@ -234,6 +256,17 @@ def test_gpu_vit_b16_routing_matches_the_reference(n_experts, k, dtype, mode):
     expected, _ = route_reference(cls_tokens, weight, bias, k, mode, expected_counts)
     assert torch.equal(triton_route(cls_tokens, weight, bias, k, mode, counts)[0], expected)
     assert torch.equal(counts, expected_counts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n_experts,k", [(12, 8), (64, 4), (256, 8)])
+def test_gpu_vit_b16_learned_gates_and_router_gradient(n_experts, k, dtype, gate, mode):
+    """32 samples' [CLS] tokens of width 768 (strided, as a layer's routing tokens are): gates and the router's
+    gradient through them, by the tolerance rule."""
+    _check_learned_gates(32, 768, n_experts, k, dtype, gate, mode, strided=True)
 
 
 @pytest.mark.gpu

@@ -107,6 +107,11 @@ def compile_all(arch: int) -> None:
             (False, True), tr.GATE_CODES.values(), (False, True), (False, True), (16, tr.MAX_EXPERTS)
         ):
             compile_route(arch, dtype, batch, has_bias, count, experts, gate=gate)
+        # The router's gradient through learned gates: each gradient alone or all three; the other gate at the most
+        # experts.
+        for needs in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+            compile_route_grad(arch, dtype, 1, needs, 16)
+        compile_route_grad(arch, dtype, 2, (True, True, True), tr.MAX_EXPERTS)
 
 
 def compile_route(arch: int, dtype: str, batch: bool, has_bias: bool, count: bool, n_experts: int, d_in: int = 768,
@@ -122,6 +127,20 @@ def compile_route(arch: int, dtype: str, batch: bool, has_bias: bool, count: boo
     constants = {"HAS_BIAS": has_bias, "COUNT": count, "BATCH": batch, "GATE": gate, "BLOCK_K": tr._slots_block(k),
                  **settings, "DOT_PRECISION": DOT_PRECISION[dtype], "UPCAST_DOT": False}  # fmt: skip
     return compile_for_gpu(tr._route_kernel, arch, pointers, constants, **launch)
+
+
+def compile_route_grad(arch: int, dtype: str, gate: int, needs: tuple, n_experts: int, d_in: int = 768, k: int = 8):
+    """The router's gradient kernel at the launch settings `route_launch` picks. Gradients not needed get idx as
+    their stand-in pointer, as at a launch."""
+    t = "*" + dtype
+    settings = dict(tr.route_launch(n_experts, d_in))
+    launch = {"num_warps": settings.pop("num_warps"), "num_stages": settings.pop("num_stages")}
+    outputs = {name: t if needed else "*i64"
+               for name, needed in zip(("grad_tok_ptr", "grad_w_ptr", "grad_bias_ptr"), needs)}  # fmt: skip
+    pointers = {"grad_gate_ptr": t, "gate32_ptr": "*fp32", "idx_ptr": "*i64", "tok_ptr": t, "w_ptr": t, **outputs}
+    constants = {"GATE": gate, "NEED_TOKENS": needs[0], "NEED_WEIGHT": needs[1], "NEED_BIAS": needs[2],
+                 "BLOCK_K": tr._slots_block(k), **settings}  # fmt: skip
+    return compile_for_gpu(tr._router_grad_kernel, arch, pointers, constants, **launch)
 
 
 def register_use(ptx: str, arch: int) -> dict:
@@ -152,6 +171,19 @@ def check_route(arch: int, report: bool) -> None:
         compiled = compile_route(arch, dtype, batch, True, True, n_experts, gate=tr.GATE_CODES[gate])
         found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
         what = f"sm_{arch} {dtype} routing ({'batch' if batch else 'sample'}, gate {gate}, r={n_experts})"
+        if report:
+            print(what, found)
+        assert found["spill_bytes"] <= MAX_ROUTE_SPILL_BYTES, f"{what}: registers spill: {found}"
+        assert found["shared_bytes"] <= SHARED_LIMIT[arch], f"{what}: more shared memory than a block gets: {found}"
+
+
+def check_route_grad(arch: int, report: bool) -> None:
+    """The router's gradient kernel at the same pool sizes, every dtype, all three gradients (k = 8): at most a few
+    spilled words, shared memory within the arch's limit."""
+    for dtype, n_experts in itertools.product(DTYPES, (12, 64, 100, 256)):
+        compiled = compile_route_grad(arch, dtype, 1, (True, True, True), n_experts)
+        found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
+        what = f"sm_{arch} {dtype} router gradient (softmax, r={n_experts})"
         if report:
             print(what, found)
         assert found["spill_bytes"] <= MAX_ROUTE_SPILL_BYTES, f"{what}: registers spill: {found}"
@@ -220,4 +252,5 @@ if __name__ == "__main__":
     check_fused_linear(90, report="--report" in sys.argv)
     check_fused_linear(80, report="--report" in sys.argv, shared_only=True)
     check_route(90, report="--report" in sys.argv)
+    check_route_grad(90, report="--report" in sys.argv)
     print("compiled")
