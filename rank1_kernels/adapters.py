@@ -33,7 +33,9 @@ def _layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(temporary_path), then rename it over `path`: a crash never leaves a half-written file."""
+    """Call write(temporary_path), then rename it over `path`: a crash never leaves a half-written file. The data
+    and the rename are flushed to disk (fsync) before returning, and the file gets the mode a plain open() would
+    give it (mkstemp's is 0600, unreadable by the rest of a group on a shared machine)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -41,11 +43,28 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        _fsync(temporary)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    _fsync(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:

@@ -35,6 +35,10 @@ class PoolMultiheadAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, self.embed_dim // num_heads
         self.dropout, self.batch_first = dropout, batch_first
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        # What nn.TransformerEncoder(Layer) reads before its fused fast path (torch._transformer_encoder_layer_fwd),
+        # which would use the packed weights and skip the pools: no packed in-projection, so it takes the module path.
+        self.in_proj_weight = self.in_proj_bias = None
+        self._qkv_same_embed_dim = False
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, wrap) -> "PoolMultiheadAttention":

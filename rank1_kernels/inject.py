@@ -73,13 +73,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _batch_first_for(name: str, attention_layouts: dict[str, bool]) -> bool:
-    """A Linear's layout is that of the nearest attention in the same block (OpenAI CLIP's blocks are
-    sequence-first); batch-first when there is none."""
+    """A Linear's layout is that of the attention in its own block (OpenAI CLIP's blocks are sequence-first):
+    the nearest ancestor that holds an attention not inside a list of blocks. Batch-first when there is none, as
+    for a stem or a head beside the blocks ("blocks.3.attn" is one block's attention, not the model's)."""
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
-        prefix = ".".join(parts[:depth])
+        prefix = ".".join(parts[:depth] + [""]) if depth else ""
         for attention_name, batch_first in attention_layouts.items():
-            if prefix == "" or attention_name.startswith(prefix + "."):
+            inner = attention_name[len(prefix):].split(".")
+            if attention_name.startswith(prefix) and not any(part.isdigit() for part in inner):
                 return batch_first
     return True
 
@@ -139,11 +141,22 @@ def inject(
         )  # fmt: skip
 
     replacements: dict[str, nn.Module] = {}
+    made: dict[int, nn.Module] = {}  # id(original) -> its replacement, for a module used at several places
     inside_replaced: tuple[str, ...] = ()
-    for name, module in model.named_modules():
+    injected_before = False  # a target is a pool layer already: inject() ran on this model before
+    # Every place a module is used, so that one used twice is replaced at both places by one new module.
+    for name, module in model.named_modules(remove_duplicate=False):
         if inside_replaced and name.startswith(inside_replaced):
             continue  # the out_proj inside a matched attention, or a submodule of a pool layer
-        if isinstance(module, (FusedRank1PoolLinear, PoolMultiheadAttention)) or not matches(name, module):
+        if isinstance(module, (FusedRank1PoolLinear, PoolMultiheadAttention, SplitQKVLinear)):
+            inside_replaced += (name + ".",)  # injected before: its router and projections are not targets
+            injected_before = injected_before or matches(name, module)
+            continue
+        if id(module) in made:
+            replacements[name] = made[id(module)]
+            inside_replaced += (name + ".",)
+            continue
+        if not matches(name, module):
             continue
         if isinstance(module, nn.MultiheadAttention):
 
@@ -164,9 +177,15 @@ def inject(
         elif isinstance(module, nn.Linear):
             replacements[name] = make_pool(module, _batch_first_for(name, attention_layouts))
             inside_replaced += (name + ".",)
+        if name in replacements:
+            made[id(module)] = replacements[name]
+    if not replacements and injected_before:
+        return model  # inject() again with the same targets: nothing left to do
     if not replacements:
+        n_pools = sum(1 for _ in pool_layers(model))
+        before = f" (the model has {n_pools} pool layers already: inject() ran on it before)" if n_pools else ""
         raise ValueError(
-            f"inject() matched no nn.Linear or nn.MultiheadAttention with target={target!r}; "
+            f"inject() matched no nn.Linear or nn.MultiheadAttention with target={target!r}{before}; "
             f"pass glob patterns over module names as printed by model.named_modules()"
         )
     if "" in replacements:

@@ -66,7 +66,8 @@ class PoolLifecycle:
             "top_m": self.top_m, "ago_weight": self.ago_weight, "ago_p": self.ago_p,
             "finished_tasks": list(self.finished_tasks), "current_task": self.current_task,
             "counts_per_task": {name: torch.stack(v) for name, v in self.counts_per_task.items()},
-            "merged_experts_per_task": {name: torch.stack(v) for name, v in self.merged_experts_per_task.items()},
+            # A list per layer: end_task(top_m=...) may merge a different number of experts each task.
+            "merged_experts_per_task": {name: list(v) for name, v in self.merged_experts_per_task.items()},
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -74,4 +75,8 @@ class PoolLifecycle:
         self.finished_tasks = list(state["finished_tasks"])
         self.current_task = state["current_task"]
         self.counts_per_task = {name: list(v.unbind(0)) for name, v in state["counts_per_task"].items()}
-        self.merged_experts_per_task = {name: list(v.unbind(0)) for name, v in state["merged_experts_per_task"].items()}
+        # Checkpoints from before varying top_m hold one stacked tensor per layer; unbind gives the same list.
+        self.merged_experts_per_task = {
+            name: list(v.unbind(0)) if isinstance(v, torch.Tensor) else list(v)
+            for name, v in state["merged_experts_per_task"].items()
+        }

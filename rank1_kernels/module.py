@@ -23,6 +23,12 @@ from .routing import route, top_experts
 _HISTORY_BUFFERS = ("merged_A", "merged_B", "merged_scaling", "merge_sizes")
 
 
+def _recomputing_in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward then is activation checkpointing recomputing the layer,
+    which must not count its routing choices a second time."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class FusedRank1PoolLinear(nn.Module):
     """y = x W^T + b + (alpha / r) * sum over the k experts chosen for x's sample of g_i (a_i . x) b_i.
 
@@ -169,10 +175,17 @@ class FusedRank1PoolLinear(nn.Module):
         check_same_device_dtype("x", x, weight=self.weight)
         tokens_per_sample = tokens_per_sample if tokens_per_sample is not None else self.tokens_per_sample
         rows, tokens_per_sample, restore = self._flatten(x, tokens_per_sample, routing_tokens)
+        if tokens_per_sample == 0:  # samples without tokens: nothing to route, an empty output
+            return restore(nn.functional.linear(rows, self.weight, self.bias))
+        n_samples = rows.shape[0] // tokens_per_sample
+        if routing_tokens is not None and routing_tokens.shape[0] != n_samples:
+            raise ValueError(
+                f"routing_tokens has {routing_tokens.shape[0]} rows for the {n_samples} samples of x "
+                f"{tuple(x.shape)}; expected one routing token per sample"
+            )
         if routing_tokens is None and self.routing_positions is not None:
             routing_tokens = self._tokens_at_routing_positions(rows, tokens_per_sample)
         if routing_tokens is None:
-            n_samples = rows.shape[0] // tokens_per_sample
             if not 0 <= self.routing_token_index < tokens_per_sample:
                 raise ValueError(
                     f"routing_token_index={self.routing_token_index} is outside the {tokens_per_sample} tokens "
@@ -180,9 +193,10 @@ class FusedRank1PoolLinear(nn.Module):
                 )
             per_sample = rows.reshape(n_samples, tokens_per_sample, self.in_features)
             routing_tokens = per_sample.select(1, self.routing_token_index)
+        counting = self.training and not _recomputing_in_backward()
         idx, gates = route(
             routing_tokens, self.router.weight, self.router.bias, self.k, self.routing, self.gate,
-            counts=self.activation_counts if self.training else None, backend=self.backend,
+            counts=self.activation_counts if counting else None, backend=self.backend,
         )  # fmt: skip
         lora_input = self.dropout(rows) if self.training and isinstance(self.dropout, nn.Dropout) else None
         y = rank1_pool_linear(
@@ -285,6 +299,15 @@ class FusedRank1PoolLinear(nn.Module):
         return linear
 
     # ---- state ---------------------------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # The merge history's scales stay float64 whatever the module is cast to: in bf16, alpha / r = 1/12 would
+        # become 0.0835, and unmerge(), reapply_merges() and merged_delta() would disagree with the merges made.
+        scales = self.merged_scaling
+        result = super()._apply(fn, recurse)
+        if self.merged_scaling.dtype != torch.float64:
+            self.merged_scaling = scales.to(self.merged_scaling.device)
+        return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         for name in _HISTORY_BUFFERS:

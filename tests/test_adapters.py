@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -112,6 +113,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["state.bin"]
 
 
+def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "shared.bin", lambda temporary: pathlib.Path(temporary).write_bytes(b"x"))
+        (tmp_path / "plain.bin").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o644
+
+
 def test_lifecycle_runs_tasks_and_its_state_round_trips():
     model = inject(_base(), r=6, k=3)
     lifecycle = PoolLifecycle(model, top_m=2, ago_weight=0.1)
@@ -132,3 +143,40 @@ def test_lifecycle_runs_tasks_and_its_state_round_trips():
     copy_.load_state_dict(state)
     assert copy_.state_dict()["finished_tasks"] == ["task-a"] and copy_.top_m == 2
     torch.testing.assert_close(copy_.loss_extra(), extra)
+
+
+def test_lifecycle_state_with_a_different_top_m_per_task(tmp_path):
+    """end_task(top_m=...) may merge a different number of experts each task; the state still saves (through
+    torch.save, loaded with weights_only) and loads, and a state saved as stacked tensors still loads."""
+    model = inject(_base(), r=6, k=3)
+    lifecycle = PoolLifecycle(model, top_m=4)
+    for task, top_m in (("a", None), ("b", 2)):
+        lifecycle.begin_task(task)
+        _train_a_little(model)
+        lifecycle.end_task(top_m)
+    path = tmp_path / "lifecycle.pt"
+    torch.save(lifecycle.state_dict(), path)
+    restored = PoolLifecycle(model)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    merged = restored.merged_experts_per_task["mlp.c_fc"]
+    assert [len(experts) for experts in merged] == [4, 2]
+    for ours, theirs in zip(merged, lifecycle.merged_experts_per_task["mlp.c_fc"]):
+        assert torch.equal(ours, theirs)
+    stacked = {**lifecycle.state_dict(), "merged_experts_per_task": {"mlp.c_fc": torch.stack([merged[0], merged[0]])}}
+    restored.load_state_dict(stacked)
+    assert [len(experts) for experts in restored.merged_experts_per_task["mlp.c_fc"]] == [4, 4]
+
+
+def test_hooks_do_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    from rank1_kernels.integrations import hooks
+
+    model = inject(_base(), r=6, k=3)
+    hooks.begin_task(model, 0)
+    assert hooks.lifecycle_of(model) is hooks.lifecycle_of(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -203,3 +203,55 @@ def test_current_top_masks_match_each_layers_own_mask():
             assert mask.dtype == torch.bool and torch.equal(mask, layer.current_top_mask(top_m)), (layer.r, top_m)
     with pytest.raises(ValueError, match="top_m"):
         current_top_masks(layers, 5)  # more than the 4-expert layers have
+
+
+def test_transformer_encoder_runs_in_eval_mode_through_the_pools():
+    """nn.TransformerEncoderLayer's fused fast path (eval, batch-first) reads the attention's packed in-projection;
+    PoolMultiheadAttention has none, so the layer takes its module path, through the pools."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    reference = copy.deepcopy(model)
+    inject(model, target=("self_attn", "linear1", "linear2"), r=4, k=2, backend="reference")
+    for _, pool in pool_layers(model):
+        with torch.no_grad():
+            pool.lora_B.normal_()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        y = model.eval()(x)
+        assert not torch.allclose(y, reference.eval()(x), atol=1e-3), "the pools were bypassed"
+        torch.testing.assert_close(y, model.train()(x))  # dropout 0: the module path in training mode too
+
+
+def test_inject_twice_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+    inject(model, target="*", r=4, k=2)
+    layers = [layer for _, layer in pool_layers(model)]
+    inject(model, target="*", r=4, k=2)
+    assert [layer for _, layer in pool_layers(model)] == layers and len(layers) == 2
+    assert isinstance(layers[0].router, nn.Linear)
+    with pytest.raises(ValueError, match="the model has 2 pool layers already"):
+        inject(model, target=lambda name, module: isinstance(module, nn.Linear) and name.endswith("router"))
+
+
+def test_a_module_used_twice_is_replaced_everywhere_by_one_pool():
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    inject(model, target="a.0", r=4, k=2)
+    assert isinstance(model["a"][0], FusedRank1PoolLinear) and model["a"][0] is model["b"][0]
+    assert len(list(pool_layers(model))) == 1
+
+
+def test_top_level_linears_are_batch_first_beside_sequence_first_blocks():
+    """A stem and a head outside the blocks see batch-first input even when the blocks' attention is
+    sequence-first; the blocks' own Linears take the attention's layout."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = nn.MultiheadAttention(8, 2), nn.Linear(8, 8)
+
+    model = nn.ModuleDict({"stem": nn.Linear(8, 8), "blocks": nn.ModuleList([Block()]), "head": nn.Linear(8, 8)})
+    inject(model, target=("stem", "head", "fc"), r=4, k=2)
+    assert model["stem"].batch_first and model["head"].batch_first
+    assert not model["blocks"][0].fc.batch_first

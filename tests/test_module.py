@@ -227,3 +227,44 @@ def test_layer_with_all_experts_equals_peft_lora_layer():
     assert lora.scaling["default"] == layer.scaling
     x = torch.randn(3, 5, 10, dtype=torch.float64)
     torch.testing.assert_close(layer(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_cast_keeps_the_merge_scales_exact():
+    """merged_scaling stays float64 (alpha / r exactly) through .to(dtype), half() and loading: a cast would round
+    1/12 to 0.0835 and unmerge() would no longer undo the merge made."""
+    layer = _trained_layer(r=12, k=3)
+    layer.activation_counts.copy_(torch.arange(12))
+    layer.merge(top_m=4)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
+        cast_layer = cast(copy.deepcopy(layer))
+        assert cast_layer.merged_scaling.dtype == torch.float64
+        assert cast_layer.merged_scaling.tolist() == [1 / 12] * 4
+    fresh = FusedRank1PoolLinear(10, 7, r=12, k=3, dtype=torch.bfloat16)
+    fresh.load_state_dict(layer.to(torch.bfloat16).state_dict())
+    assert fresh.merged_scaling.dtype == torch.float64 and fresh.merged_scaling.tolist() == [1 / 12] * 4
+
+
+def test_routing_tokens_must_be_one_per_sample():
+    layer = _trained_layer()
+    with pytest.raises(ValueError, match=r"routing_tokens has 2 rows for the 3 samples of x \(3, 4, 10\)"):
+        layer(torch.randn(3, 4, 10), routing_tokens=torch.randn(2, 10))
+
+
+def test_samples_without_tokens_give_an_empty_output():
+    layer = _trained_layer().train()
+    x = torch.randn(3, 0, 10, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 0, 7) and int(layer.activation_counts.sum()) == 0
+    layer.batch_first = False
+    assert layer(torch.randn(0, 3, 10)).shape == (0, 3, 7)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_counts_each_choice_once(use_reentrant):
+    """Checkpointing runs the layer's forward again in the backward; that recomputation must not count again."""
+    layer = _trained_layer().train()
+    x = torch.randn(3, 4, 10, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=use_reentrant)
+    y.square().sum().backward()
+    assert int(layer.activation_counts.sum()) == 3 * 3
+    assert layer.lora_A.grad is not None and x.grad is not None

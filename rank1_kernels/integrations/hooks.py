@@ -13,24 +13,24 @@ lifecycle's state_dict() holds the rest of the continual history (tasks run, cou
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn as nn
 
 from ..lifecycle import PoolLifecycle
 
-_LIFECYCLES: "weakref.WeakKeyDictionary[nn.Module, PoolLifecycle]" = weakref.WeakKeyDictionary()
+# The lifecycle lives on the model (it refers back to the model, a cycle the garbage collector frees with both; a
+# WeakKeyDictionary from model to lifecycle would keep every model alive through that reference).
+_ATTRIBUTE = "_rank1_pool_lifecycle"
 
 
 def lifecycle_of(
     model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"
 ) -> PoolLifecycle:
     """The model's PoolLifecycle, created with these settings on the first call (later calls ignore them)."""
-    lifecycle = _LIFECYCLES.get(model)
+    lifecycle = model.__dict__.get(_ATTRIBUTE)
     if lifecycle is None:
         lifecycle = PoolLifecycle(model, top_m=top_m, ago_weight=ago_weight, ago_p=ago_p, backend=backend)
-        _LIFECYCLES[model] = lifecycle
+        model.__dict__[_ATTRIBUTE] = lifecycle
     return lifecycle
 
 
