@@ -13,6 +13,7 @@ from rank1_cl.data import (
     few_shot_indices,
     mtil_tasks,
     synthetic_tasks,
+    xtail_order,
 )
 
 
@@ -57,6 +58,24 @@ def test_few_shot_sampling():
 
 def test_mtil_orders_cover_the_eleven_datasets():
     assert len(MTIL_ORDER_I) == 11 and sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II) == sorted(MTIL_DATASETS)
+
+
+def test_xtail_is_the_mtil_order_without_cifar100():
+    for order, mtil in (("I", MTIL_ORDER_I), ("II", MTIL_ORDER_II)):
+        assert xtail_order(order) == [name for name in mtil if name != "CIFAR100"] and len(xtail_order(order)) == 10
+
+
+def test_xtail_benchmark_trains_on_the_xtail_order(tmp_path, monkeypatch):
+    """--benchmark xtail asks the MTIL loader for the 10 X-TAIL domains, in order."""
+    from rank1_cl import trainer
+    from rank1_cl.config import CLConfig, apply_overrides
+
+    asked = {}
+    monkeypatch.setattr(trainer, "mtil_tasks", lambda root, names, order, *transforms: asked.setdefault("names", names))
+    config = apply_overrides(CLConfig(), {"data.benchmark": "xtail", "data.data_root": str(tmp_path),
+                                          "data.order": "II"}).validate()  # fmt: skip
+    trainer.build_tasks(config, None, None, None)
+    assert asked["names"] == xtail_order("II")
 
 
 def test_missing_mtil_dataset_names_the_expected_path(tmp_path):

@@ -136,6 +136,11 @@ def test_config_file_and_overrides(tmp_path):
         ({"train.lr": -1.0}, "lr > 0"),
         ({"data.benchmark": "mtil"}, "needs data.data_root"),
         ({"pool.text_routing": "cls"}, "pool.text_routing='cls' is not supported"),
+        ({"model.precision": "fp16"}, "AdamW's eps \\(1e-8\\) rounds to 0"),
+        ({"data.tasks": ["shapes", "digits", "shapes"]}, "data.tasks names \\['shapes'\\] more than once"),
+        ({"data.benchmark": "xtail"}, "'xtail' needs data.data_root"),
+        ({"data.benchmark": "xtail", "data.data_root": "/d", "data.tasks": ["DTD", "CIFAR100"]},
+         "CIFAR100, which X-TAIL's 10 domains leave out"),
     ],
 )
 def test_bad_configs_name_the_problem(overrides, message):

@@ -83,6 +83,20 @@ def test_resume_refuses_a_changed_config(tmp_path):
         run_continual(tiny_config(tmp_path), progress=False)
 
 
+def test_resume_allows_another_worker_count_only_without_augmentation():
+    """Workers do not change the computation, unless random augmentation draws from them instead of the main
+    process's generator."""
+    from rank1_cl.checkpoint import check_resumable
+
+    def config(**overrides):
+        return apply_overrides(CLConfig(), overrides).to_dict()
+
+    check_resumable(config(), config(**{"data.num_workers": 4}))
+    augmented = {"data.train_augment": True}
+    with pytest.raises(ValueError, match="data.num_workers: 0 -> 4"):
+        check_resumable(config(**augmented), config(**augmented, **{"data.num_workers": 4}))
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_baselines_run(tmp_path, method):
     config = tiny_config(tmp_path, **{"train.method": method, "train.iterations": 2, "run.checkpoints": False,

@@ -1,7 +1,7 @@
 """Command line: python -m rank1_cl {demo,train,params} (also installed as `rank1-cl`).
 
 rank1-cl demo                                     the CPU demo on synthetic data (a few minutes)
-rank1-cl train --config run.toml --data-root D    the MTIL protocol (or --benchmark synthetic)
+rank1-cl train --config run.toml --data-root D    the MTIL protocol (or --benchmark xtail / synthetic)
 torchrun --nproc_per_node=2 -m rank1_cl train ... the same, data-parallel
 rank1-cl train ... --resume                       continue a killed run from its last finished task
 rank1-cl params --model ViT-B-16                  trainable-parameter report, read from the model

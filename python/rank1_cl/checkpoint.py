@@ -26,7 +26,9 @@ from rank1_kernels.adapters import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
-# Settings that may change between a run and its resumption (they do not change the computation).
+# Settings that may change between a run and its resumption (they do not change the computation). The worker count
+# does, with data.train_augment: random transforms draw from the global generator in the main process and from
+# per-worker seeds in workers.
 RESUMABLE_DIFFERENCES = ("run.", "data.num_workers", "data.data_root", "model.device", "train.log_every")
 
 
@@ -69,9 +71,12 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 def check_resumable(saved_config: dict, config: dict) -> None:
     """Resuming with a different computation would not reproduce the uninterrupted run: refuse, naming the keys."""
     saved, current = _flatten(saved_config), _flatten(config)
+    allowed = RESUMABLE_DIFFERENCES
+    if saved.get("data.train_augment") or current.get("data.train_augment"):
+        allowed = tuple(key for key in allowed if key != "data.num_workers")
     different = sorted(
         key for key in set(saved) | set(current)
-        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_DIFFERENCES)
+        if saved.get(key) != current.get(key) and not key.startswith(allowed)
     )  # fmt: skip
     if different:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in different[:6])

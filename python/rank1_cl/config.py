@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 METHODS = ("pool", "lora", "full")
-BENCHMARKS = ("synthetic", "mtil")
+BENCHMARKS = ("synthetic", "mtil", "xtail")
 MTIL_ORDERS = ("I", "II")
 ROUTING_MODES = ("sample", "batch")
 GATE_KINDS = ("none", "softmax", "sigmoid")
@@ -73,8 +73,9 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """benchmark: "mtil" (11 datasets under data_root, torchvision layouts) or "synthetic" (generated, no download).
-    tasks: an explicit list of task names in training order (default: the MTIL order, or all synthetic domains)."""
+    """benchmark: "mtil" (11 datasets under data_root, torchvision layouts), "xtail" (the same order without
+    CIFAR100: X-TAIL's 10 domains) or "synthetic" (generated, no download). tasks: an explicit list of task names
+    in training order (default: the MTIL order, that order without CIFAR100, or all synthetic domains)."""
 
     benchmark: str = "mtil"
     order: str = "I"
@@ -125,6 +126,11 @@ class CLConfig:
         _choice("pool.gate", self.pool.gate, GATE_KINDS)
         _choice("pool.text_routing", self.pool.text_routing, ("eot", "first"))
         _choice("model.precision", self.model.precision, PRECISIONS)
+        if self.model.precision == "fp16":
+            raise ValueError(
+                "model.precision='fp16' would train the adapters in fp16, where AdamW's eps (1e-8) rounds to 0 and "
+                "the first step turns every zero gradient into NaN; use 'bf16' or 'fp32'"
+            )
         _at_least("pool.r", self.pool.r, 1)
         if not 1 <= self.pool.k <= self.pool.r:
             raise ValueError(f"pool.k={self.pool.k} must be in [1, pool.r={self.pool.r}] (experts chosen per sample)")
@@ -153,11 +159,20 @@ class CLConfig:
             _at_least("eval.max_test_per_task", self.eval.max_test_per_task, 1)
         if self.run.stop_after_task is not None:
             _at_least("run.stop_after_task", self.run.stop_after_task, 1)
-        if self.data.benchmark == "mtil" and not self.data.data_root:
+        if self.data.benchmark in ("mtil", "xtail") and not self.data.data_root:
             raise ValueError(
-                "data.benchmark='mtil' needs data.data_root (--data-root DIR): the folder holding the 11 MTIL datasets "
-                "in torchvision layouts; or use --benchmark synthetic, which needs no download"
+                f"data.benchmark={self.data.benchmark!r} needs data.data_root (--data-root DIR): the folder holding "
+                f"the MTIL datasets in torchvision layouts; or use --benchmark synthetic, which needs no download"
             )
+        if self.data.tasks is not None:
+            repeated = sorted({name for name in self.data.tasks if self.data.tasks.count(name) > 1})
+            if repeated:
+                raise ValueError(f"data.tasks names {repeated} more than once; expected each task once")
+            if self.data.benchmark == "xtail" and "CIFAR100" in self.data.tasks:
+                raise ValueError(
+                    "data.tasks has CIFAR100, which X-TAIL's 10 domains leave out; use --benchmark mtil to train "
+                    "on it"
+                )
         unknown_projections = set(self.pool.attention_projections) - {"q", "k", "v", "out"}
         if unknown_projections:
             raise ValueError(

@@ -433,6 +433,17 @@ def mtil_class_names(name: str, dataset) -> list:
     return [_clean(category) for category in raw]
 
 
+# X-TAIL's 10 domains are MTIL's without CIFAR100 (the protocol's definition, ../shared/DESIGN.md).
+XTAIL_EXCLUDED = ("CIFAR100",)
+
+
+def xtail_order(order: str = "I") -> list:
+    """The X-TAIL training order: MTIL order I or II without CIFAR100."""
+    if order not in ("I", "II"):
+        raise ValueError(f"order={order!r}; expected 'I' or 'II'")
+    return [name for name in (MTIL_ORDER_I if order == "I" else MTIL_ORDER_II) if name not in XTAIL_EXCLUDED]
+
+
 def mtil_tasks(data_root: str, names: Optional[Sequence[str]] = None, order: str = "I", transform_train=None,
                transform_test=None) -> list:  # fmt: skip
     """One Task per MTIL dataset, in `names` order (default: order I or II). Every dataset must be present:

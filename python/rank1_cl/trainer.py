@@ -32,7 +32,7 @@ from rank1_kernels import PoolLifecycle
 
 from . import checkpoint as checkpoints
 from .config import CLConfig
-from .data import Task, few_shot_indices, mtil_tasks, random_subset, synthetic_tasks
+from .data import Task, few_shot_indices, mtil_tasks, random_subset, synthetic_tasks, xtail_order
 from .distributed import (
     DistContext,
     activation_counts_snapshot,
@@ -75,7 +75,10 @@ def build_tasks(config: CLConfig, model: nn.Module, preprocess_train, preprocess
             seed=config.train.seed, image_size=image_size_of(model),
         )  # fmt: skip
     train_transform = preprocess_train if config.data.train_augment else preprocess_val
-    return mtil_tasks(config.data.data_root, config.data.tasks, config.data.order, train_transform, preprocess_val)
+    names = config.data.tasks
+    if names is None and config.data.benchmark == "xtail":
+        names = xtail_order(config.data.order)
+    return mtil_tasks(config.data.data_root, names, config.data.order, train_transform, preprocess_val)
 
 
 def encode_pair(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
@@ -199,8 +202,8 @@ def class_embeddings(model: nn.Module, tokenizer, tasks: Sequence[Task], device,
 @torch.no_grad()
 def evaluate(model: nn.Module, tasks: Sequence[Task], tokenizer, config: CLConfig, context: DistContext) -> dict:
     """{"mtil": [accuracy per task], "xtail": [...]}: each test image classified over its own task's classes,
-    and (X-TAIL) over the union of every task's class names without the task id. Test sets are split across
-    ranks and the correct counts summed."""
+    and (X-TAIL) over the union of every task's class names without the task id (the X-TAIL protocol when the
+    tasks are its 10 domains, --benchmark xtail). Test sets are split across ranks and the correct counts summed."""
     was_training = model.training
     model.eval()
     device, dtype = context.device, next(model.parameters()).dtype
@@ -236,6 +239,13 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], tokenizer, config: CLConfi
             rows["xtail"].append(int(counts[1]) / seen)
     model.train(was_training)
     return rows
+
+
+def _on_main_rank(context: DistContext, check) -> bool:
+    """check() as rank 0 sees it, on every rank: a refusal must stop every rank, not leave the others waiting in a
+    collective for rank 0."""
+    flag = torch.tensor([int(context.is_main and bool(check()))], device=context.device)
+    return bool(all_reduce_sum(flag, context).item())
 
 
 def run_continual(
@@ -285,7 +295,7 @@ def run_continual(
             start_task = state["finished_tasks"]
             checkpoints.set_rng_state(state["rng"])
             logger.info("resumed from %s after %d finished task(s)", directory, start_task)
-    elif context.is_main and config.run.checkpoints and os.path.isdir(checkpoint_root):
+    elif config.run.checkpoints and _on_main_rank(context, lambda: os.path.isdir(checkpoint_root)):
         raise FileExistsError(
             f"{checkpoint_root} holds checkpoints of an earlier run; pass --resume to continue it, or choose another "
             f"--run-dir"
