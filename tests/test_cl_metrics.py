@@ -136,6 +136,7 @@ def test_config_file_and_overrides(tmp_path):
         ({"train.lr": -1.0}, "lr > 0"),
         ({"data.benchmark": "mtil"}, "needs data.data_root"),
         ({"pool.text_routing": "cls"}, "pool.text_routing='cls' is not supported"),
+        ({"pool.alpha": 0.0}, "pool.alpha=0.0 must be > 0"),
         ({"model.precision": "fp16"}, "AdamW's eps \\(1e-8\\) rounds to 0"),
         ({"data.tasks": ["shapes", "digits", "shapes"]}, "data.tasks names \\['shapes'\\] more than once"),
         ({"data.benchmark": "xtail"}, "'xtail' needs data.data_root"),

@@ -4,7 +4,7 @@
         task_pool.safetensors   the task's trained pool before its merge: A, B, router weights, activation counts
         adapters.safetensors    every pool layer after the merge (merge history included)   [pool, lora]
         model.safetensors       the whole model after the task                               [full]
-        state.pt                optimizer state, RNG states, the life-cycle history, the results so far, the config
+        state.pt                RNG states, the life-cycle history, the results so far, the config
                                 (plain tensors and containers: torch.load(weights_only=True))
     <run_dir>/checkpoints/latest.json   {"finished_tasks": 4, "directory": "task_03_DTD"}, written last
 

@@ -27,7 +27,8 @@ PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
 @dataclass
 class ModelConfig:
     """name: any open_clip architecture (`open_clip.list_models()`) or the package's tiny "rank1-tiny-vit";
-    pretrained: an open_clip tag, a local checkpoint path, or None for random weights (seeded)."""
+    pretrained: an open_clip tag, a local checkpoint path, or None for random weights (seeded). Not the paper's
+    default: it starts from "openai", which open_clip downloads, so it is asked for by name."""
 
     name: str = "ViT-B-16"
     pretrained: Optional[str] = None
@@ -136,6 +137,8 @@ class CLConfig:
             raise ValueError(f"pool.k={self.pool.k} must be in [1, pool.r={self.pool.r}] (experts chosen per sample)")
         if not 1 <= self.pool.merge_top_m <= self.pool.r:
             raise ValueError(f"pool.merge_top_m={self.pool.merge_top_m} must be in [1, pool.r={self.pool.r}]")
+        if not self.pool.alpha > 0:
+            raise ValueError(f"pool.alpha={self.pool.alpha} must be > 0: the pool's update is scaled by alpha / r")
         if not 0.0 <= self.pool.dropout < 1.0:
             raise ValueError(f"pool.dropout={self.pool.dropout} must be in [0, 1)")
         if not self.pool.targets:

@@ -129,7 +129,8 @@ def train_task(
     lifecycle: Optional[PoolLifecycle], tokenizer, progress: bool = True,
 ) -> dict:  # fmt: skip
     """train.iterations optimizer steps on `task`; returns {"loss": the last step's loss, "seconds_per_step": the
-    mean time of forward + backward + optimizer step (data loading excluded), "optimizer": its state_dict}.
+    mean time of forward + backward + optimizer step (data loading excluded)}. The optimizer is the task's own (the
+    next task starts a fresh one), so checkpoints do not keep its state.
     The data order is drawn from a generator seeded by (seed, task index), identical on every rank."""
     settings = config.train
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + task_index)
@@ -170,7 +171,7 @@ def train_task(
             logger.info("%s step %d/%d loss %.4f", task.name, step + 1, settings.iterations, losses[-1])
     # The first steps include one-time costs (allocations, lazy initialisation): time the rest.
     timed = step_seconds[min(2, len(step_seconds) - 1) :]
-    return {"loss": losses[-1], "seconds_per_step": sum(timed) / len(timed), "optimizer": optimizer.state_dict()}
+    return {"loss": losses[-1], "seconds_per_step": sum(timed) / len(timed)}
 
 
 def _progress(iterable, enabled: bool, description: str, total: int):
@@ -255,6 +256,9 @@ def run_continual(
     """Run (or, with run.resume, continue) the task sequence of `config`; rank 0 writes results and checkpoints
     under run.run_dir. `tasks` replaces the configured benchmark (tests, the demo)."""
     config.validate()
+    if config.data.benchmark != "synthetic" and config.model.pretrained is None:
+        logger.warning("model.pretrained is None: %s starts from random weights; the paper starts from CLIP's "
+                       "(--pretrained openai)", config.model.name)  # fmt: skip
     context = context or init_distributed(config.model.device)
     method, run_dir = config.train.method, config.run.run_dir
     seed_everything(config.train.seed)
@@ -331,7 +335,7 @@ def run_continual(
             )  # fmt: skip
             if config.run.checkpoints:
                 state = {
-                    "finished_tasks": task_index + 1, "rng": checkpoints.rng_state(), "optimizer": outcome["optimizer"],
+                    "finished_tasks": task_index + 1, "rng": checkpoints.rng_state(),
                     "lifecycle": lifecycle.state_dict() if lifecycle is not None else None, "results": results,
                     "config": config.to_dict(),
                 }  # fmt: skip
