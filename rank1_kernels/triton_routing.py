@@ -14,8 +14,9 @@ itself, and GPU time between graph-replayed kernels.
 which is `rank1_kernels.routing.route_reference` (ranking on scores rounded as F.linear rounds them, so a tie there
 is a tie here). The scores are never written out. Learned gates get their gradient to the router from
 `_RouterGradient`: one more launch in the backward (`_router_grad_kernel`, from the fp32 gates), in place of a dozen
-small torch ops. The counts are integers added atomically, so the order of the adds does not change the result. A NaN score ranks as +inf (torch's sort puts NaN first): only reachable with the
-device-sync checks off, and never an index outside [0, r).
+small torch ops. The counts are integers added atomically, so the order of the adds does not change the result. A
+NaN score ranks as +inf (torch's sort puts NaN first): only reachable with the device-sync checks off, and never an
+index outside [0, r).
 """
 
 import functools
@@ -213,8 +214,9 @@ def _router_grad_kernel(
             grad_scores += tl.where((experts[None, :] == expert[:, None]) & sample_ok[:, None], value[:, None], 0.0)
         if NEED_TOKENS:
             grad_tokens = tl.dot(grad_scores, weights, input_precision="ieee")
+            out_ok = sample_ok[:, None] & d_ok[None, :]
             tl.store(grad_tok_ptr + samples[:, None] * d_in + ds[None, :],
-                     grad_tokens.to(grad_tok_ptr.dtype.element_ty), mask=sample_ok[:, None] & d_ok[None, :])  # fmt: skip
+                     grad_tokens.to(grad_tok_ptr.dtype.element_ty), mask=out_ok)  # fmt: skip
         if NEED_WEIGHT:
             tokens = tl.load(tok_ptr + samples[:, None] * stride_tok_sample + ds[None, :] * stride_tok_d,
                              mask=sample_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
