@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--only", help="comma-separated parts of the preset to run (see `list`), e.g. tokens,ago")
     keep_help = "keep the rows of other parts already in --out/results.json (to split a long sweep)"
     sweep.add_argument("--append", action="store_true", help=keep_help)
+    resume_help = "--append, and keep (not measure again) the groups of these parts already in --out/results.json"
+    sweep.add_argument("--resume", action="store_true", help=resume_help)
     sweep.add_argument("--note", default="", help="a sentence for the README, e.g. that the machine was shared")
     forced_help = "also time backends that run these inputs only when forced, e.g. Triton's CPU interpreter"
     sweep.add_argument("--time-forced-only", action="store_true", help=forced_help)
@@ -118,25 +120,21 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     variant_backends, variants_unavailable = [], None
     if args.triton_variants or preset.triton_variants:
         variant_backends, variants_unavailable = register_triton_variants()
-    forced, budget = args.time_forced_only, TimeBudget(args.budget_minutes)
-    layers = LayerBenchmark(device, preset.timing, peaks, log, time_forced_only=forced, budget=budget)
-    runs = {sweep.group: (lambda sweep=sweep: layers.run(sweep)) for sweep in preset.layer_sweeps}
-    if preset.ago is not None:
-        runs["ago"] = lambda: run_ago(preset.ago, device, preset.timing, log, forced, budget)
-    if preset.step is not None:
-        runs["step"] = lambda: run_step(preset.step, device, log, forced, budget)
-    rows: list[dict] = []
+    json_path = os.path.join(out_dir, "results.json")
+    previous_rows, earlier_runs = [], []
+    if (args.append or args.resume) and os.path.exists(json_path):
+        with open(json_path) as handle:
+            previous = json.load(handle)
+        previous_rows, earlier = previous["results"], previous["conditions"]
+        earlier_runs = [*earlier.pop("earlier_runs", []), earlier]
+    # Groups of these parts measured already (rows written before the group key was recorded are measured again).
+    done = {row["group_key"] for row in previous_rows if args.resume and row.get("group") in parts and
+            row.get("group_key")}  # fmt: skip
+    rows: list[dict] = []  # this run's rows, stamped
+    part_rows: list[dict] = []  # the rows of the part in progress
+    finished_parts: list[str] = []
     failed_parts: dict[str, str] = {}
-    for part in parts:
-        part_rows: list[dict] = []
-        try:
-            part_rows.extend(runs[part]())
-        except Exception as exc:  # e.g. open_clip missing for the step: keep the other parts' results
-            failed_parts[part] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            print(f"part {part!r} failed and is left out: {failed_parts[part]}", file=sys.stderr, flush=True)
-            continue
-        rows.extend(report.stamp(part_rows, env))
-
+    forced = args.time_forced_only
     conditions = {
         "preset": preset.name, "description": preset.description, "parts": parts,
         "command": "python -m bench " + shlex.join(argv), "timing": dataclasses.asdict(preset.timing),
@@ -144,23 +142,57 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         "ago": dataclasses.asdict(preset.ago) if preset.ago and "ago" in parts else None,
         "step": dataclasses.asdict(preset.step) if preset.step and "step" in parts else None,
         "failed_parts": failed_parts, "lora_dropout": 0.0, "gate": "none", "layer_mode": "train()",
-        "time_forced_only": forced,
-        "budget_minutes": args.budget_minutes, "skipped_for_time": budget.skipped,
+        "time_forced_only": forced, "budget_minutes": args.budget_minutes, "skipped_for_time": [],
+        "kept_from_earlier_runs": sorted(done),
         "pinned_variant_backends": variant_backends, "pinned_variants_unavailable": variants_unavailable,
         "notes": "forward = training forward (autograd records); backward = autograd.grad for input and adapters; "
                  "peak memory is tracked on CUDA only; throughput fractions use nominal datasheet peaks",
+        "note": args.note,
     }  # fmt: skip
-    json_path = os.path.join(out_dir, "results.json")
-    if args.append and os.path.exists(json_path):
-        with open(json_path) as handle:
-            previous = json.load(handle)
-        rows = [row for row in previous["results"] if row.get("group") not in parts] + rows
-        earlier = previous["conditions"]
-        conditions["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
-    conditions["note"] = args.note
-    files = write_outputs(out_dir, rows, env, conditions)
+    if earlier_runs:
+        conditions["earlier_runs"] = earlier_runs
+
+    def all_rows() -> list[dict]:
+        kept = [row for row in previous_rows if row.get("group") not in parts or row.get("group_key") in done]
+        return kept + rows + report.stamp(part_rows, env)
+
+    def write_finished_groups() -> None:
+        """results.json with every group finished so far; the parts not finished yet are marked incomplete."""
+        unfinished = [part for part in parts if part not in finished_parts]
+        _write_json_atomically(all_rows(), env, {**conditions, "incomplete_parts": unfinished}, json_path)
+
+    budget = TimeBudget(args.budget_minutes, done=done, on_group=write_finished_groups)
+    conditions["skipped_for_time"] = budget.skipped  # the same list, filled as groups are skipped
+    layers = LayerBenchmark(device, preset.timing, peaks, log, time_forced_only=forced, budget=budget)
+    runs = {sweep.group: (lambda sweep=sweep: layers.run(sweep)) for sweep in preset.layer_sweeps}
+    if preset.ago is not None:
+        runs["ago"] = lambda: run_ago(preset.ago, device, preset.timing, log, forced, budget)
+    if preset.step is not None:
+        runs["step"] = lambda: run_step(preset.step, device, log, forced, budget)
+    for part in parts:
+        part_rows.clear()
+        try:
+            for row in runs[part]():
+                part_rows.append(dict(row, group_key=budget.current))
+        except Exception as exc:  # e.g. open_clip missing, a sticky CUDA error: the finished groups are kept
+            failed_parts[part] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"part {part!r} failed (its finished groups are kept): {failed_parts[part]}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        rows.extend(report.stamp(part_rows, env))
+        part_rows.clear()
+        finished_parts.append(part)
+        write_finished_groups()
+
+    files = write_outputs(out_dir, all_rows(), env, conditions)
     log(f"wrote {', '.join(files)} and README.md to {out_dir}")
     return 1 if failed_parts else 0
+
+
+def _write_json_atomically(rows: list[dict], env: dict, conditions: dict, path: str) -> None:
+    """results.json through a temporary file and a rename: a run killed while writing leaves the last one whole."""
+    temporary = path + ".partial"
+    report.write_json(rows, env, conditions, temporary)
+    os.replace(temporary, path)
 
 
 def write_outputs(out_dir: str, rows: list[dict], env: dict, conditions: dict) -> list[str]:
@@ -170,7 +202,7 @@ def write_outputs(out_dir: str, rows: list[dict], env: dict, conditions: dict) -
     with open(os.path.join(out_dir, "table.txt"), "w") as handle:
         handle.write(text)
     report.write_csv(rows, os.path.join(out_dir, "results.csv"))
-    report.write_json(rows, env, conditions, os.path.join(out_dir, "results.json"))
+    _write_json_atomically(rows, env, conditions, os.path.join(out_dir, "results.json"))
     plots = report.write_plots(rows, out_dir, env["device"])
     files = ["table.txt", "results.csv", "results.json", *plots]
     with open(os.path.join(out_dir, "README.md"), "w") as handle:

@@ -13,7 +13,7 @@
 # extension, in the background while the Triton GPU tests run (cuda_build.txt)  4 tests: pytest -m gpu, the
 # CUDA-extension tests in a second process so that a crash of those kernels cannot take the Triton results with
 # it (gpu_tests.txt, gpu_tests.xml)  5 bench: python -m bench sweep --preset gpu, one part per process with
-# --only/--append and --budget-minutes sized to the time left (bench.txt, bench_README.md, bench_results.tar.gz)
+# --only/--resume and --budget-minutes sized to the time left (bench.txt, bench_README.md, bench_results.tar.gz)
 # 6 summary (summary.txt, and stdout).
 #
 # Environment (all optional):
@@ -571,7 +571,8 @@ if os.environ.get("RANK1_BENCH_LOAD_CUDA") == "1":
 from bench.__main__ import main
 sys.exit(main(sys.argv[1:]))
 '
-# Parts already complete in RESULTS (the latest run of each, without groups skipped for time or a failure).
+# Parts already complete in RESULTS (the latest run of each, without groups skipped for time, a failure, or a
+# stop before its end: a run writes its finished groups as it goes, with the parts not finished yet listed).
 DONE_PY='
 import json, sys
 try:
@@ -581,7 +582,8 @@ except Exception:
 state = {}
 for run in [*conditions.get("earlier_runs", []), conditions]:
     for part in run.get("parts", []):
-        state[part] = not run.get("skipped_for_time") and part not in run.get("failed_parts", {})
+        state[part] = (not run.get("skipped_for_time") and part not in run.get("failed_parts", {})
+                       and part not in run.get("incomplete_parts", []))
 print(" ".join(part for part, complete in state.items() if complete))
 '
 VALID_PY='import json, sys; json.load(open(sys.argv[1]))'
@@ -622,7 +624,7 @@ if wants bench; then
     export RANK1_BENCH_LOAD_CUDA=$load_cuda
     why="no (build: $BUILD_STATE; RANK1_BENCH_CUDA=${RANK1_BENCH_CUDA:-auto})"
     echo "pool[cuda] timed: $([[ $load_cuda == 1 ]] && echo yes || echo "$why")" >>"$BENCH_LOG"
-    note="Measured by bench/gpu_session.sh: one part per process (--only/--append) under a ${BUDGET}s session"
+    note="Measured by bench/gpu_session.sh: one part per process (--only/--resume) under a ${BUDGET}s session"
     note+=" budget; CUDA extension $([[ $load_cuda == 1 ]] && echo JIT-loaded || echo 'not loaded')."
     if [[ $DRY == 1 ]]; then startup=5; min_part=4; else startup=25; min_part=45; fi
     remaining_parts=()
@@ -655,7 +657,7 @@ if wants bench; then
         before=""
         [[ -f "$RESULTS/results.json" ]] && before="$(cksum <"$RESULTS/results.json")"
         t0=$(now)
-        run_logged "$BENCH_LOG" "$t" "$PY" -c "$BENCH_PY" sweep --preset "$PRESET" --only "$part" --append \
+        run_logged "$BENCH_LOG" "$t" "$PY" -c "$BENCH_PY" sweep --preset "$PRESET" --only "$part" --resume \
             --out "$RESULTS_ARG" --budget-minutes "$minutes" --note "$note"
         rc=$?
         if ! "$PY" -c "$VALID_PY" "$RESULTS/results.json" 2>/dev/null; then

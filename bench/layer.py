@@ -189,7 +189,8 @@ class LayerBenchmark:
     def run(self, sweep: LayerSweep) -> Iterable[dict]:
         for shape in sweep.shapes:
             for dtype_name in sweep.dtypes:
-                what = f"layer [{sweep.group}] {shape.model} {shape.layer} {dtype_name}"
+                what = (f"layer [{sweep.group}] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->"
+                        f"{shape.out_features} {dtype_name}")  # fmt: skip
                 if self.budget.allows(what):
                     yield from self._run_group(sweep, shape, dtype_name)
 
@@ -299,9 +300,9 @@ def _recover_cuda() -> None:
     cached blocks so the next method starts clean. A capture error is not sticky, so this normally succeeds."""
     try:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     except RuntimeError:
-        pass  # the failure itself was already recorded for this row
-    torch.cuda.empty_cache()
+        pass  # the failure itself was already recorded for this row; a sticky error fails the part, rows kept
 
 
 def _or_reason(build: Callable[[], nn.Module]) -> nn.Module | str:

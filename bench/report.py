@@ -365,7 +365,8 @@ def markdown_readme(rows: list[dict], environment: dict, conditions: dict, files
                     elif match["status"] != "ok":
                         cells.append(match["status"])
                     else:
-                        cell = f"{match['ratio_to_linear']:.2f} ({_fmt_ms(match['median_ms'])})"
+                        ratio = match.get("ratio_to_linear")  # None when nn.Linear's row of the shape failed
+                        cell = f"{'-' if ratio is None else f'{ratio:.2f}'} ({_fmt_ms(match['median_ms'])})"
                         if _is_fused(match) and match.get("flops_fraction") is not None:
                             cell += (
                                 f" mm {100 * match['flops_fraction']:.0f}% bw {100 * match['bandwidth_fraction']:.0f}%"

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -139,21 +139,36 @@ def time_cuda_graph(step: Step, n_buffers: int, config: TimingConfig) -> Measure
 
 class TimeBudget:
     """A wall-clock budget for a whole run: benchmarks ask `allows(what)` before each group and skip the rest once
-    it is spent (recorded in `skipped`), so the results written at the end exist even under an outer time limit."""
+    it is spent (recorded in `skipped`), so the results written at the end exist even under an outer time limit.
 
-    def __init__(self, minutes: float | None = None):
+    `what` names the group and is unique within a preset; `current` is the group being measured. Groups in `done`
+    (a results folder has them already: `sweep --resume`) are skipped without being listed. `on_group` is called
+    first at every group boundary, when the rows of the group before have all reached the caller: `sweep` writes
+    its results so far there, so a run killed at its timeout keeps every finished group."""
+
+    def __init__(self, minutes: float | None = None, done: Iterable[str] = (),
+                 on_group: Callable[[], None] | None = None):  # fmt: skip
         self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
         self.skipped: list[str] = []
+        self.done, self.on_group = set(done), on_group
+        self.current: str | None = None
 
     def allows(self, what: str) -> bool:
+        if self.on_group is not None:
+            self.on_group()
+        if what in self.done:
+            return False
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.skipped.append(what)
             return False
+        self.current = what
         return True
 
 
 def buffers_to_defeat_cache(bytes_per_buffer: int, device: torch.device, minimum: int = 2, maximum: int = 16) -> int:
-    """How many input buffers to rotate: enough that together they are twice the GPU's L2 cache (2 on CPU)."""
+    """How many input buffers to rotate: enough that together they are twice the GPU's L2 cache, at most `maximum`
+    (2 on CPU). Inputs under about 7 MB (twice a 60 MB L2 over 16) therefore stay partly in L2 between calls, and the
+    weights, one set per method, always do."""
     if device.type != "cuda":
         return minimum
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)

@@ -21,6 +21,13 @@ import torch
 from rank1_kernels.backends import register_backend
 
 VARIANT_PRIORITY = 1000  # after every real backend: "auto" must never pick a bench-only backend
+_REGISTERED: set[str] = set()
+
+
+def is_bench_variant(backend: str) -> bool:
+    """Whether `backend` is one of the bench-only backends registered here (the layer sweeps time them; the
+    whole-step benchmark leaves them out, as they would double its time for what the layer rows show)."""
+    return backend in _REGISTERED
 
 
 def register_triton_variants() -> tuple[list[str], str | None]:
@@ -73,4 +80,5 @@ def register_triton_variants() -> tuple[list[str], str | None]:
         names.append(backend.name)
     register_backend(TorchRouting.name, VARIANT_PRIORITY + len(pins), TorchRouting)
     names.append(TorchRouting.name)
+    _REGISTERED.update(names)
     return names, None
