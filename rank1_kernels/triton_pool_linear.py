@@ -603,7 +603,7 @@ def _expert_grads(problems: list, routing: _Routing, scaling: float, n_experts: 
         RANK_DOT=_RANK_DOT[m_a.dtype], UPCAST_DOT=_dot_config(m_a.dtype)["UPCAST_DOT"],
     )  # fmt: skip
     # The mask variant's pairs are (row chunk, expert); the gather variant's (sample, choice), expert idx[sample, j].
-    table = routing.idx.reshape(-1)
+    table = routing.idx.reshape(-1).contiguous()  # read as a flat table (a no-op for routing's own idx)
     _scatter_slots_kernel[(n_experts, sum(col_blocks))](
         partial_a, out_a, out_a.stride(0), out_a.stride(1), m_a.shape[1], col_blocks[0],
         partial_b, out_b, out_b.stride(0), out_b.stride(1), m_b.shape[1],
@@ -780,6 +780,8 @@ def triton_pool_linear(
         raise ValueError(f"variant={variant!r} is not supported; expected 'auto', 'gather' or 'mask'")
     if shrink not in ("auto", *SHRINKS):
         raise ValueError(f"shrink={shrink!r} is not supported; expected 'auto', 'fused' or 'separate'")
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it with unit stride (a no-op for a Linear's own bias)
     inputs = (x, weight, bias, A, B, idx, gates, float(scaling), tokens_per_sample, lora_input, variant, shrink)
     return call(torch.ops.rank1.triton_pool_linear_fwd, _EagerPoolLinear, inputs)
 

@@ -239,6 +239,10 @@ def _route(tokens, router_weight, router_bias, k, batch, gate, counts):
     gate="none": no allocation); counts (r,) int64 or None gets the choices added in place."""
     n_samples, d_in = tokens.shape
     n_experts = router_weight.shape[0]
+    # The kernel reads the bias and adds to the counts with unit stride: a strided view (a no-op for a Linear's own
+    # bias and the layer's counts buffer) is copied, and the counts copied back.
+    router_bias = router_bias.contiguous() if router_bias is not None else None
+    counts_given, counts = counts, counts.contiguous() if counts is not None else None
     idx = torch.empty(n_samples, k, device=tokens.device, dtype=torch.int64)
     gates = gates32 = None
     if gate != "none":
@@ -255,6 +259,8 @@ def _route(tokens, router_weight, router_bias, k, batch, gate, counts):
         HAS_BIAS=router_bias is not None, COUNT=counts is not None, BATCH=batch, GATE=GATE_CODES[gate],
         BLOCK_K=_slots_block(k), **route_launch(n_experts, d_in), **_dot_config(tokens.dtype),
     )  # fmt: skip
+    if counts is not counts_given:
+        counts_given.copy_(counts)
     return idx, gates, gates32
 
 

@@ -59,9 +59,19 @@ def _inputs(n_samples, tokens, d_in, d_out, r, k, with_bias, with_lora_input, de
     return {name: (t.to(device) if t is not None else None) for name, t in tensors.items()}
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in dtype with its strides: `.to()` would make a strided view (not dense) contiguous, and a test of
+    non-contiguous inputs would then test contiguous ones."""
+    if tensor.is_contiguous():
+        return tensor.to(dtype)
+    extent = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    buffer = torch.zeros(extent + 1, dtype=dtype, device=tensor.device)
+    return buffer.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset()).copy_(tensor)
+
+
 def _run(fn, inputs, dtype, grad_y, scaling, tokens):
-    """y and the gradients of (x, A, B, gates, lora_input) for fn run on the inputs cast to dtype."""
-    cast = {n: (t.to(dtype) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    """y and the gradients of (x, A, B, gates, lora_input) for fn run on the inputs cast to dtype (same strides)."""
+    cast = {n: (_cast(t, dtype) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
     trainable = [cast[n].requires_grad_() if cast[n] is not None else None for n in GRAD_NAMES]
     y = fn(cast["x"], cast["weight"], cast["bias"], cast["A"], cast["B"], cast["idx"], cast["gates"], scaling, tokens,
            cast["lora_input"])  # fmt: skip
@@ -119,15 +129,28 @@ def test_non_contiguous_inputs(variant, shrink):
     """Every tensor a strided view: the kernels take strides, never assume a layout."""
     inputs = _inputs(3, 5, 11, 13, 6, 2, True, True, _device(), seed=3)
 
-    for name in ("x", "A", "gates", "lora_input", "idx"):  # every other column of a wider buffer
+    for name in ("x", "bias", "A", "gates", "lora_input", "idx"):  # every other column of a wider buffer
         wide = torch.zeros(*inputs[name].shape[:-1], 2 * inputs[name].shape[-1] + 1, dtype=inputs[name].dtype,
                            device=inputs[name].device)  # fmt: skip
         wide[..., 1::2] = inputs[name]
         inputs[name] = wide[..., 1::2]
     for name in ("weight", "B"):  # column-major
         inputs[name] = inputs[name].t().contiguous().t()
-    assert not any(inputs[n].is_contiguous() for n in ("x", "weight", "A", "B", "idx", "gates", "lora_input"))
+    names = ("x", "weight", "bias", "A", "B", "idx", "gates", "lora_input")
+    assert not any(_cast(inputs[n], torch.float32).is_contiguous() for n in names)
     _check_against_reference(inputs, torch.float32, 0.5, 5, variant, f"{variant} {shrink} non-contiguous", shrink)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_index_views_that_flatten_to_strided_views(variant):
+    """idx as views whose flat form is itself a strided view, not a copy: the first column of a wider idx (k = 1),
+    and one expert broadcast to every sample (stride 0). The dA/dB scatter reads idx as a flat table."""
+    inputs = _inputs(4, 3, 8, 6, 40, 3, True, False, _device(), seed=4)
+    first_column = {**inputs, "idx": inputs["idx"][:, :1], "gates": inputs["gates"][:, :1]}
+    assert first_column["idx"].reshape(-1).stride() == (3,)
+    _check_against_reference(first_column, torch.float32, 0.5, 3, variant, f"{variant} idx[:, :1]")
+    broadcast = {**first_column, "idx": torch.full((1, 1), 7, device=_device()).expand(4, 1)}
+    _check_against_reference(broadcast, torch.float32, 0.5, 3, variant, f"{variant} idx expanded")
 
 
 @pytest.mark.parametrize("variant", ["gather", "mask"])

@@ -78,6 +78,21 @@ def test_kernel_picks_the_best_scores_on_random_inputs(dtype):
     assert (worst_chosen >= best_unchosen - slack).all()
 
 
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+def test_strided_router_bias_and_counts(mode):
+    """A router bias and activation counts that are every other element of a wider buffer (the kernel reads the
+    bias and adds to the counts at unit stride; the views must still be read and written where they are)."""
+    tokens, weight, bias = _integer_inputs(9, 11, 10, torch.float32, _device(), seed=4)
+    wide_bias = torch.zeros(2 * 10, device=_device())
+    wide_bias[1::2] = bias * 5  # large enough to decide most choices: a bias read at the wrong place shows
+    wide_counts = torch.zeros(2 * 10, dtype=torch.int64, device=_device())
+    expected_counts = torch.zeros(10, dtype=torch.int64, device=_device())
+    expected, _ = route_reference(tokens, weight, wide_bias[1::2], 3, mode, expected_counts)
+    idx, _ = triton_route(tokens, weight, wide_bias[1::2], 3, mode, wide_counts[1::2])
+    assert torch.equal(idx, expected)
+    assert torch.equal(wide_counts[1::2], expected_counts) and not wide_counts[0::2].any()
+
+
 def test_non_finite_scores_still_give_distinct_experts_in_range():
     """With the device-sync checks off (a GPU's default) nothing stops a NaN routing token: the kernel must still
     write k distinct experts in [0, r) per sample (the fused linear reads A and B at them)."""
