@@ -51,6 +51,11 @@ def check_ago_inputs(B_curs, B_prevs, cur_masks, prev_masks, p) -> None:
                 f"layer {layer}: masks must have one entry per column: cur_mask {tuple(cur_mask.shape)} for "
                 f"{B_cur.shape[1]} columns, prev_mask {tuple(prev_mask.shape)} for {B_prev.shape[1]} columns"
             )
+        if cur_mask.dtype != torch.bool or prev_mask.dtype != torch.bool:
+            raise ValueError(
+                f"layer {layer}: masks must be bool (True: the column is constrained), got cur_mask {cur_mask.dtype} "
+                f"and prev_mask {prev_mask.dtype}; a weighted mask is not part of the AGO loss"
+            )
         if B_cur.device != B_prev.device or B_cur.dtype != B_prev.dtype:
             raise ValueError(
                 f"layer {layer}: B_cur ({B_cur.dtype}, {B_cur.device}) and B_prev ({B_prev.dtype}, {B_prev.device}) "

@@ -504,7 +504,8 @@ class _Routing:
         """Whether a GEMM launch with n_out columns computes the rank activations itself ("auto": choose_shrink)."""
         if shrink == "auto":
             shrink = choose_shrink(self.n_slots, n_out, depth, self.rows_per_group, self.n_rows, dtype)
-        return shrink == "fused" and self.n_slots <= FUSED_SHRINK_MAX_SLOTS
+        # With no output columns the GEMM has no tiles to compute the activations in: they get the shrink kernel.
+        return shrink == "fused" and self.n_slots <= FUSED_SHRINK_MAX_SLOTS and n_out > 0
 
 
 def _shrink(rows: torch.Tensor, proj: torch.Tensor, routing: _Routing) -> torch.Tensor:

@@ -86,6 +86,8 @@ def test_ago_errors():
         ago_loss(B_cur, B_prev, torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"same d_out"):
         ago_loss(B_cur, torch.randn(6, 3), torch.ones(4, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="masks must be bool .* got cur_mask torch.float32"):
+        ago_loss(B_cur, B_prev, torch.tensor([0.5, 1.0, 0.0, 1.0]), torch.ones(3, dtype=torch.bool))
 
 
 def test_inject_errors():

@@ -241,6 +241,24 @@ def test_every_gradient_entry_is_written(monkeypatch, variant):
         _check_against_reference(inputs, torch.float32, 0.3, 5, variant, f"{variant} {shrink} NaN-filled", shrink)
 
 
+@pytest.mark.parametrize("d_in,d_out", [(5, 0), (0, 5)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layers_without_input_or_output_features(monkeypatch, variant, d_in, d_out):
+    """d_out = 0 (forward) or d_in = 0 (the backward's dx GEMM) leaves a GEMM without tiles, so the rank activations
+    cannot be computed in its K loop; the shrink kernel computes them. Fresh buffers are NaN-filled here: an
+    activation left unwritten would reach dgates."""
+    real_empty = torch.empty
+
+    def nan_filled(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(triton_pool_linear_module.torch, "empty", nan_filled)
+    inputs = _inputs(2, 3, d_in, d_out, 4, 2, False, False, _device(), seed=29)
+    for shrink in SHRINKS:
+        _check_against_reference(inputs, torch.float32, 0.5, 3, variant, f"{variant} {shrink} {d_in}->{d_out}", shrink)
+
+
 def test_mask_variant_row_chunks(monkeypatch):
     """The mask variant sums dA and dB over row chunks; small chunks make these shapes cross chunk boundaries, with
     a short last chunk and chunks that split samples."""
