@@ -164,30 +164,24 @@ MAX_ROUTE_SPILL_BYTES = 128
 
 def check_route(arch: int, report: bool) -> None:
     """The routing kernel at the pool sizes of the speed targets (r in {12, 64, 256}, and 100 between), both modes,
-    every dtype, gates none and softmax (k = 8): at most a few spilled words, shared memory within the arch's
-    limit."""
+    every dtype, gates none and softmax (k = 8); the router's gradient kernel at the same sizes, every dtype, all
+    three gradients: at most a few spilled words, shared memory within the arch's limit."""
     for dtype, batch, gate, n_experts in itertools.product(DTYPES, (False, True), ("none", "softmax"),
                                                            (12, 64, 100, 256)):  # fmt: skip
         compiled = compile_route(arch, dtype, batch, True, True, n_experts, gate=tr.GATE_CODES[gate])
-        found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
         what = f"sm_{arch} {dtype} routing ({'batch' if batch else 'sample'}, gate {gate}, r={n_experts})"
-        if report:
-            print(what, found)
-        assert found["spill_bytes"] <= MAX_ROUTE_SPILL_BYTES, f"{what}: registers spill: {found}"
-        assert found["shared_bytes"] <= SHARED_LIMIT[arch], f"{what}: more shared memory than a block gets: {found}"
-
-
-def check_route_grad(arch: int, report: bool) -> None:
-    """The router's gradient kernel at the same pool sizes, every dtype, all three gradients (k = 8): at most a few
-    spilled words, shared memory within the arch's limit."""
+        _check_small_kernel(compiled, arch, what, report)
     for dtype, n_experts in itertools.product(DTYPES, (12, 64, 100, 256)):
         compiled = compile_route_grad(arch, dtype, 1, (True, True, True), n_experts)
-        found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
-        what = f"sm_{arch} {dtype} router gradient (softmax, r={n_experts})"
-        if report:
-            print(what, found)
-        assert found["spill_bytes"] <= MAX_ROUTE_SPILL_BYTES, f"{what}: registers spill: {found}"
-        assert found["shared_bytes"] <= SHARED_LIMIT[arch], f"{what}: more shared memory than a block gets: {found}"
+        _check_small_kernel(compiled, arch, f"sm_{arch} {dtype} router gradient (softmax, r={n_experts})", report)
+
+
+def _check_small_kernel(compiled, arch: int, what: str, report: bool) -> None:
+    found = {**register_use(compiled.asm["ptx"], arch), "shared_bytes": compiled.metadata.shared}
+    if report:
+        print(what, found)
+    assert found["spill_bytes"] <= MAX_ROUTE_SPILL_BYTES, f"{what}: registers spill: {found}"
+    assert found["shared_bytes"] <= SHARED_LIMIT[arch], f"{what}: more shared memory than a block gets: {found}"
 
 
 def fused_linear_resources(arch: int, dtype: str, shrink: bool, own_input: bool, span: bool, rows: int, n_out: int,
@@ -252,5 +246,4 @@ if __name__ == "__main__":
     check_fused_linear(90, report="--report" in sys.argv)
     check_fused_linear(80, report="--report" in sys.argv, shared_only=True)
     check_route(90, report="--report" in sys.argv)
-    check_route_grad(90, report="--report" in sys.argv)
     print("compiled")
