@@ -170,7 +170,6 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     if preset.step is not None:
         runs["step"] = lambda: run_step(preset.step, device, log, forced, budget)
     for part in parts:
-        part_rows.clear()
         try:
             for row in runs[part]():
                 part_rows.append(dict(row, group_key=budget.current))

@@ -10,8 +10,9 @@ launch, for a stand-in sm_90 device; the kernels are compiled for sm_90 on first
 `events` rows minus its `cuda-graph` rows give the whole host cost.
 
 Shapes are tiny, so the torch ops that do run cost their dispatch, as launches do on a GPU. The checks that read
-values back (finite routing scores, expert range) are switched off, as they are on a GPU by default. Compare numbers from one machine and one run only (`--json` keeps them). It must run
-in its own process: it sets TRITON_INTERPRET before Triton is imported.
+values back (finite routing scores, expert range) are switched off, as they are on a GPU by default. Compare
+numbers from one machine and one run only (`--json` keeps them). It must run in its own process: it sets
+TRITON_INTERPRET before Triton is imported.
 """
 
 from __future__ import annotations
@@ -66,23 +67,6 @@ class _StandInSm90:
         return 0
 
 
-class _WritesValidIndices:
-    """Wraps the routing kernel's stand-in: its idx output (argument 7) gets expert 0 everywhere, through numpy
-    (about a microsecond), since the router's gradient through learned gates scatters at idx with a torch op."""
-
-    def __init__(self, stand_in):
-        self.stand_in = stand_in
-
-    def __getitem__(self, grid):
-        launch = self.stand_in[grid]
-
-        def run(*args, **kwargs):
-            launch(*args, **kwargs)
-            args[7].numpy().fill(0)
-
-        return run
-
-
 def replace_kernels(launch_path: bool) -> None:
     """Swap every kernel the Triton backend launches (checked against KERNELS) for a no-op or its launch path."""
     kind = "JITFunction" if launch_path else "InterpretedFunction"
@@ -93,8 +77,7 @@ def replace_kernels(launch_path: bool) -> None:
         if launched != set(names):
             raise SystemExit(f"bench.host_overhead: {module_name} launches {sorted(launched)}; update KERNELS")
         for name in names:
-            stand_in = _LaunchPathOnly(getattr(module, name)) if launch_path else _NoLaunch()
-            setattr(module, name, _WritesValidIndices(stand_in) if name == "_route_kernel" else stand_in)
+            setattr(module, name, _LaunchPathOnly(getattr(module, name)) if launch_path else _NoLaunch())
     if launch_path:
         from triton.runtime import driver
 

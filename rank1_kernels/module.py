@@ -184,7 +184,7 @@ class FusedRank1PoolLinear(nn.Module):
                 f"{tuple(x.shape)}; expected one routing token per sample"
             )
         if routing_tokens is None and self.routing_positions is not None:
-            routing_tokens = self._tokens_at_routing_positions(rows, tokens_per_sample)
+            routing_tokens = self._tokens_at_routing_positions(rows, n_samples, tokens_per_sample)
         if routing_tokens is None:
             if not 0 <= self.routing_token_index < tokens_per_sample:
                 raise ValueError(
@@ -205,9 +205,8 @@ class FusedRank1PoolLinear(nn.Module):
         )  # fmt: skip
         return restore(y)
 
-    def _tokens_at_routing_positions(self, rows: torch.Tensor, tokens_per_sample: int) -> torch.Tensor:
+    def _tokens_at_routing_positions(self, rows: torch.Tensor, n_samples: int, tokens_per_sample: int) -> torch.Tensor:
         """(n_samples, in): token routing_positions[s] of each sample s of the sample-major rows."""
-        n_samples = rows.shape[0] // tokens_per_sample
         positions = self.routing_positions
         if positions.shape != (n_samples,) or positions.dtype != torch.int64:
             raise ValueError(
