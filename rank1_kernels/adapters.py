@@ -23,7 +23,8 @@ _LAYER_TENSORS = (
     "lora_A", "lora_B", "router.weight", "router.bias", "activation_counts",
     "merged_A", "merged_B", "merged_scaling", "merge_sizes",
 )  # fmt: skip
-# Settings that may differ between the saving and the loading model; they are taken from the file.
+# Settings that may differ between the saving and the loading model; they are taken from the file, since they
+# change what the layer computes. Dropout is not: it acts only in training, and the loading model's choice stands.
 _SETTABLE = ("k", "alpha", "routing", "gate", "routing_token_index")
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .module import linear_from
+
 
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """nn.MultiheadAttention masks (bool: True = not allowed; float: added) as a float mask to add to scores."""
@@ -48,28 +50,14 @@ class PoolMultiheadAttention(nn.Module):
                 "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not supported by inject(); "
                 "exclude this module from the target patterns"
             )
-        E = mha.embed_dim
-        factory = {"device": mha.out_proj.weight.device, "dtype": mha.out_proj.weight.dtype}
         has_bias = mha.in_proj_bias is not None
         if mha._qkv_same_embed_dim:
-            weights = mha.in_proj_weight.detach().chunk(3)
+            weights = mha.in_proj_weight.chunk(3)
         else:
-            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
-        biases = mha.in_proj_bias.detach().chunk(3) if has_bias else (None, None, None)
-        projections = []
-        for role, weight, bias in zip(("q", "k", "v"), weights, biases):
-            linear = nn.Linear(weight.shape[1], E, bias=has_bias, **factory)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if has_bias:
-                    linear.bias.copy_(bias)
-            projections.append(wrap(role, linear))
-        out = nn.Linear(E, E, bias=mha.out_proj.bias is not None, **factory)
-        with torch.no_grad():
-            out.weight.copy_(mha.out_proj.weight)
-            if out.bias is not None:
-                out.bias.copy_(mha.out_proj.bias)
-        projections.append(wrap("out", out))
+            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        biases = mha.in_proj_bias.chunk(3) if has_bias else (None, None, None)
+        projections = [wrap(role, linear_from(weight, bias)) for role, weight, bias in zip("qkv", weights, biases)]
+        projections.append(wrap("out", linear_from(mha.out_proj.weight, mha.out_proj.bias)))
         return cls(*projections, num_heads=mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
 
     def forward(
@@ -161,6 +149,15 @@ class PoolMultiheadAttention(nn.Module):
             mha.out_proj.weight.copy_(out.weight)
             if out.bias is not None:
                 mha.out_proj.bias.copy_(out.bias)
+        # As frozen as the projections were (a packed weight is trainable when any of its parts is).
+        trainable = {"in_proj_weight": any(lin.weight.requires_grad for lin in linears),
+                     "q_proj_weight": linears[0].weight.requires_grad, "k_proj_weight": linears[1].weight.requires_grad,
+                     "v_proj_weight": linears[2].weight.requires_grad,
+                     "in_proj_bias": has_bias and any(lin.bias.requires_grad for lin in linears),
+                     "out_proj.weight": out.weight.requires_grad,
+                     "out_proj.bias": out.bias is not None and out.bias.requires_grad}  # fmt: skip
+        for name, parameter in mha.named_parameters():
+            parameter.requires_grad_(trainable[name])
         return mha
 
     def extra_repr(self) -> str:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .module import FusedRank1PoolLinear
+from .module import FusedRank1PoolLinear, linear_from
 
 CLIP_BLOCK_TARGETS = ("attn", "mlp.c_fc", "mlp.c_proj")
 HF_CLIP_TARGETS = (
@@ -196,17 +196,9 @@ class SplitQKVLinear(nn.Module):
         """Split `linear` into its q, k, v row blocks and pass each through wrap(role, nn.Linear), role in q, k, v."""
         if linear.out_features % 3 != 0:
             raise ValueError(f"a fused qkv Linear needs out_features divisible by 3, got {linear.out_features}")
-        width = linear.out_features // 3
-        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        biases = linear.bias.detach().chunk(3) if linear.bias is not None else (None, None, None)
-        projections = []
-        for role, weight, bias in zip(("q", "k", "v"), linear.weight.detach().chunk(3), biases):
-            part = nn.Linear(linear.in_features, width, bias=bias is not None, **factory)
-            with torch.no_grad():
-                part.weight.copy_(weight)
-                if bias is not None:
-                    part.bias.copy_(bias)
-            projections.append(wrap(role, part))
+        biases = linear.bias.chunk(3) if linear.bias is not None else (None, None, None)
+        parts = [linear_from(weight, bias) for weight, bias in zip(linear.weight.chunk(3), biases)]
+        projections = [wrap(role, part) for role, part in zip(("q", "k", "v"), parts)]
         return cls(*projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,16 +209,9 @@ class SplitQKVLinear(nn.Module):
         parts = [
             p.to_linear() if isinstance(p, FusedRank1PoolLinear) else p for p in (self.q_proj, self.k_proj, self.v_proj)
         ]
-        has_bias = parts[0].bias is not None
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=has_bias, device=parts[0].weight.device,
-            dtype=parts[0].weight.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            linear.weight.copy_(torch.cat([part.weight for part in parts]))
-            if has_bias:
-                linear.bias.copy_(torch.cat([part.bias for part in parts]))
-        return linear
+        # Concatenated outside no_grad: the fused weight is trainable when any part is.
+        bias = torch.cat([part.bias for part in parts]) if parts[0].bias is not None else None
+        return linear_from(torch.cat([part.weight for part in parts]), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features} (q, k, v split)"

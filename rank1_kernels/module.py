@@ -29,6 +29,21 @@ def _recomputing_in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (out, in) and `bias`, each trainable exactly when its source is:
+    splitting a projection or unloading a pool must neither unfreeze a frozen model nor freeze a trainable one."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.weight.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        linear.bias.requires_grad_(bias.requires_grad)
+    return linear
+
+
 class FusedRank1PoolLinear(nn.Module):
     """y = x W^T + b + (alpha / r) * sum over the k experts chosen for x's sample of g_i (a_i . x) b_i.
 
@@ -285,17 +300,9 @@ class FusedRank1PoolLinear(nn.Module):
         return (self.merged_B.to(dtype) * self.merged_scaling.to(dtype)) @ self.merged_A.to(dtype)
 
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear with the current (merged) weight and bias. Unmerged pool experts are not included:
-        call merge() first to keep them."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
-            dtype=self.weight.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            linear.weight.copy_(self.weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        """A plain nn.Linear with the current (merged) weight and bias, as frozen as they are here. Unmerged pool
+        experts are not included: call merge() first to keep them."""
+        return linear_from(self.weight, self.bias)
 
     # ---- state ---------------------------------------------------------------------------------------------
 

@@ -163,6 +163,24 @@ def test_merge_all_then_unload_gives_plain_modules_with_the_merged_function(vit_
     fresh.load_state_dict(model.state_dict(), strict=True)
 
 
+def test_inject_and_unload_keep_what_was_frozen_frozen_and_what_was_trainable_trainable():
+    frozen = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    frozen.requires_grad_(False)
+    unload(inject(frozen, target="*", r=4, k=2))
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+    # Only q and v become pools: k and out stay plain, trainable linears, and the packed in_proj_weight they
+    # return to is trainable because its k rows were.
+    trainable = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    inject(trainable, target="self_attn", r=4, k=2, attention_projections=("q", "v"))
+    attention = trainable.self_attn
+    assert attention.k_proj.weight.requires_grad and attention.out_proj.weight.requires_grad
+    assert not attention.q_proj.weight.requires_grad  # a pool's base weight is frozen
+    unload(trainable)
+    parameters = dict(trainable.self_attn.named_parameters())
+    assert parameters["in_proj_weight"].requires_grad and parameters["out_proj.weight"].requires_grad
+
+
 def test_ago_penalty_is_mean_over_layers():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
     inject(model, target=("0", "2"), r=4, k=2)

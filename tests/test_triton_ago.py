@@ -73,6 +73,19 @@ def test_layer_without_history_is_zero_and_gradients_only_reach_masked_columns()
         assert torch.count_nonzero(grad[:, ~mask]) == 0
 
 
+@pytest.mark.parametrize("shape", [(8, 0), (0, 4)], ids=["no-experts", "no-rows"])
+def test_all_layers_empty_still_give_a_differentiable_zero(shape):
+    """With nothing to pack the kernels get one padded zero; the losses must still be part of the graph, or a
+    training step's backward() fails with "does not require grad"."""
+    curs = [torch.randn(*shape, device=_device(), requires_grad=True)]
+    prevs = [torch.randn(shape[0], 3, device=_device())]
+    cur_masks = [torch.ones(shape[1], dtype=torch.bool, device=_device())]
+    losses = triton_ago_grouped(curs, prevs, cur_masks, [torch.ones(3, dtype=torch.bool, device=_device())], 1)
+    assert losses.tolist() == [0.0] and losses.requires_grad
+    (grad,) = torch.autograd.grad(losses.sum(), curs)
+    assert grad.shape == shape
+
+
 def test_layer_table_is_reused_across_steps():
     """A training step after the first copies nothing from the host (CUDA-graph capturable)."""
     B_curs, B_prevs, cur_masks, prev_masks = _layers(CPU_LAYERS, _device(), seed=7)
