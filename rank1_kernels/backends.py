@@ -95,13 +95,15 @@ def frozen_base_message(kernels: str) -> str:
 _REGISTRY: dict[str, tuple[int, Callable[[], Backend]]] = {"reference": (100, ReferenceBackend)}
 # Backends that live in optional modules; importing them registers them. A failed import is remembered as the reason.
 _LAZY_MODULES: dict[str, str] = {}
-_INSTANCES: dict[str, Backend] = {}
+# Made when registered, not on first use: a first use inside torch.compile would add to this dict while tracing, and
+# the guard on it would make the next call compile everything again (a minute or more for a whole CLIP).
+_INSTANCES: dict[str, Backend] = {name: factory() for name, (_, factory) in _REGISTRY.items()}
 _IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register_backend(name: str, priority: int, factory: Callable[[], Backend]) -> None:
     _REGISTRY[name] = (priority, factory)
-    _INSTANCES.pop(name, None)
+    _INSTANCES[name] = factory()
 
 
 def register_lazy_backend(name: str, module: str) -> None:
@@ -137,8 +139,6 @@ def get_backend(name: str) -> Backend:
         if name in _IMPORT_ERRORS:
             raise RuntimeError(f"backend={name!r} is not available: {_IMPORT_ERRORS[name]}")
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, known_backends()))}")
-    if name not in _INSTANCES:
-        _INSTANCES[name] = _REGISTRY[name][1]()
     return _INSTANCES[name]
 
 

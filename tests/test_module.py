@@ -1,6 +1,9 @@
 """FusedRank1PoolLinear as a drop-in nn.Linear: layouts, routing token, counts, merge/unmerge, state."""
 
 import copy
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -210,6 +213,24 @@ def test_torch_compile_fullgraph_matches_eager():
     layer.train()
     compiled(x).sum().backward()
     assert int(layer.activation_counts.sum()) == 3 * 3 and layer.router.weight.grad is not None
+
+
+def test_first_use_inside_torch_compile_compiles_once():
+    """In a fresh process (no backend used yet), a compiled layer's second call reuses the first graph: choosing
+    the backend while tracing must leave no state behind that the graph's guards then see changed."""
+    script = textwrap.dedent("""
+        import torch
+        from torch._dynamo.utils import counters
+        from rank1_kernels import FusedRank1PoolLinear
+        layer = FusedRank1PoolLinear(10, 6, r=5, k=2).train()
+        compiled = torch.compile(layer)
+        for _ in range(3):
+            compiled(torch.randn(3, 4, 10)).sum().backward()
+        print("graphs", counters["stats"]["unique_graphs"])
+    """)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "graphs 1" in result.stdout.splitlines(), result.stdout
 
 
 def test_layer_with_all_experts_equals_peft_lora_layer():
