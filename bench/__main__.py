@@ -127,9 +127,11 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
             previous = json.load(handle)
         previous_rows, earlier = previous["results"], previous["conditions"]
         earlier_runs = [*earlier.pop("earlier_runs", []), earlier]
-    # Groups of these parts measured already (rows written before the group key was recorded are measured again).
+    # Groups of these parts measured already by this code on this device and software (rows written before the group
+    # key was recorded, or by another commit, device, torch or triton, are measured again and replaced).
+    same_source = {field: env.get(field) for field in report.PROVENANCE}
     done = {row["group_key"] for row in previous_rows if args.resume and row.get("group") in parts and
-            row.get("group_key")}  # fmt: skip
+            row.get("group_key") and all(row.get(field) == value for field, value in same_source.items())}  # fmt: skip
     rows: list[dict] = []  # this run's rows, stamped
     part_rows: list[dict] = []  # the rows of the part in progress
     finished_parts: list[str] = []
@@ -153,8 +155,13 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         conditions["earlier_runs"] = earlier_runs
 
     def all_rows() -> list[dict]:
-        kept = [row for row in previous_rows if row.get("group") not in parts or row.get("group_key") in done]
-        return kept + rows + report.stamp(part_rows, env)
+        """This run's rows, and the earlier rows of every group it has not measured again (another run's rows stay
+        until replaced, labelled by their own commit and device)."""
+        fresh = rows + report.stamp(part_rows, env)
+        measured = {row.get("group_key") for row in fresh}
+        kept = [row for row in previous_rows if row.get("group") not in parts or row.get("group_key") in done
+                or (row.get("group_key") is not None and row.get("group_key") not in measured)]  # fmt: skip
+        return kept + fresh
 
     def write_finished_groups() -> None:
         """results.json with every group finished so far; the parts not finished yet are marked incomplete."""

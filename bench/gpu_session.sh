@@ -210,8 +210,16 @@ if os.path.exists(path):
     env, conditions, rows = document["environment"], document["conditions"], document["results"]
     device = env.get("device", "?")
     slug = "cpu" if env.get("device_type") != "cuda" else "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    commit = env.get("commit")
-    lines.append(f"bench: {len(rows)} rows on {device}, commit {commit}")
+    # Where the rows came from, from the rows themselves: environment is only the last writer of the file.
+    sources = {}
+    for row in rows:
+        key = (row.get("commit"), row.get("device"), row.get("torch"), row.get("triton"))
+        sources.setdefault(key, []).append(row.get("group"))
+    lines.append(f"bench: {len(rows)} rows" + (" from MORE THAN ONE RUN; compare rows of one run only" if len(sources) > 1 else ""))
+    for (commit, where, torch_version, triton_version), groups in sources.items():
+        names = ", ".join(dict.fromkeys(map(str, groups)))
+        lines.append(f"    {len(groups)} rows of commit {commit} on {where}, torch {torch_version}, triton {triton_version}"
+                     f" (parts {names})")
     lines.append(f"    unpack: mkdir -p bench/results/{slug} && tar -xzf bench_results.tar.gz -C bench/results/{slug}")
     latest = {}
     for run in [*conditions.get("earlier_runs", []), conditions]:
@@ -224,6 +232,8 @@ if os.path.exists(path):
         failed = (run.get("failed_parts") or {}).get(part)
         if failed:
             word = "FAILED: " + failed
+        elif part in (run.get("incomplete_parts") or []):
+            word = "INCOMPLETE (stopped before its end: killed, or still running when this was written)"
         elif skipped:
             word = f"partial, {len(skipped)} groups skipped for time"
         else:
@@ -248,6 +258,21 @@ for path in parts:
         root.append(suite)
 ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)
 '
+# Redraw the reports from results.json (a part killed mid-way leaves README/table/CSV of an older state), then pack
+# them into $OUT: after every part and from finalize, so a session stopped by a signal still hands its rows back.
+pack_results() {
+    [[ -f "$RESULTS/results.json" ]] || return 0
+    timeout 120 "$PY" -m bench report --out "$RESULTS_ARG" >/dev/null 2>>"$BENCH_LOG" ||
+        echo "bench report failed: README/table/CSV may be older than results.json" >>"$BENCH_LOG"
+    rm -f "$BENCH_TAR"
+    tar -czf "$BENCH_TAR" -C "$RESULTS" . 2>>"$BENCH_LOG"
+    if (($(stat -c %s "$BENCH_TAR") > 15 * 1024 * 1024)); then
+        tar -czf "$BENCH_TAR" -C "$RESULTS" --exclude='*.png' . 2>>"$BENCH_LOG"
+        echo "bench_results.tar.gz over 15 MiB with the plots: packed without them" >>"$BENCH_LOG"
+    fi
+    [[ -f "$RESULTS/README.md" ]] && cp "$RESULTS/README.md" "$BENCH_README"
+    return 0
+}
 finalize() {
     ((FINALIZED)) && return 0
     FINALIZED=1
@@ -255,6 +280,7 @@ finalize() {
     local junits=() x
     for x in "$STATE/junit_a.xml" "$STATE/junit_b.xml"; do [[ -f "$x" ]] && junits+=("$x"); done
     if ((${#junits[@]})); then "$PY" -c "$JUNIT_PY" "$TEST_XML" "${junits[@]}" >>"$TEST_LOG" 2>&1; fi
+    wants bench && pack_results
     {
         echo "gpu_session.sh summary: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), ${BUDGET}s budget, $(elapsed)s used," \
             "dry=$DRY, preset=$PRESET, commit ${RANK1_COMMIT:-unknown}"
@@ -300,6 +326,11 @@ if [[ -e .git ]] && command -v git >/dev/null && git rev-parse HEAD >/dev/null 2
     [[ -n "$(git status --porcelain 2>/dev/null)" ]] && RANK1_TREE_DIRTY=1 || RANK1_TREE_DIRTY=0
 fi
 export RANK1_COMMIT="${RANK1_COMMIT:-}" RANK1_TREE_DIRTY="${RANK1_TREE_DIRTY:-}"
+# The extension's "built, and run 4B showed no crash" marks belong to the code they were made for.
+if [[ "$(cat "$STATE/commit" 2>/dev/null)" != "$RANK1_COMMIT/$RANK1_TREE_DIRTY" ]]; then
+    rm -f "$STATE/cuda_built" "$STATE/cuda_safe"
+    echo "$RANK1_COMMIT/$RANK1_TREE_DIRTY" >"$STATE/commit"
+fi
 
 ENV_PY='
 import importlib.metadata as md, os, platform, sys
@@ -587,6 +618,15 @@ for run in [*conditions.get("earlier_runs", []), conditions]:
 print(" ".join(part for part, complete in state.items() if complete))
 '
 VALID_PY='import json, sys; json.load(open(sys.argv[1]))'
+# The rows of one part, as (group, date) pairs: they change only when that part measured something.
+PART_ROWS_PY='
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["results"]
+except Exception:
+    rows = []
+print(sorted({(row.get("group_key"), row.get("date_utc")) for row in rows if row.get("group") == sys.argv[2]}))
+'
 weight() {
     case "$1" in
         vit-b16) echo 6 ;; vit-l14) echo 4 ;; llm-4096) echo 3 ;; dtypes | tokens | step) echo 2 ;; *) echo 1 ;;
@@ -654,8 +694,7 @@ if wants bench; then
         echo "===== part $part: --budget-minutes $minutes, timeout ${t}s ($(left)s left)" >>"$BENCH_LOG"
         say "bench: $part (--budget-minutes $minutes, timeout ${t}s)"
         [[ -f "$RESULTS/results.json" ]] && cp "$RESULTS/results.json" "$STATE/results.json.bak"
-        before=""
-        [[ -f "$RESULTS/results.json" ]] && before="$(cksum <"$RESULTS/results.json")"
+        before="$("$PY" -c "$PART_ROWS_PY" "$RESULTS/results.json" "$part")"
         t0=$(now)
         run_logged "$BENCH_LOG" "$t" "$PY" -c "$BENCH_PY" sweep --preset "$PRESET" --only "$part" --resume \
             --out "$RESULTS_ARG" --budget-minutes "$minutes" --note "$note"
@@ -668,7 +707,9 @@ if wants bench; then
         fi
         rm -f "$STATE/results.json.bak"
         written=0
-        [[ -f "$RESULTS/results.json" && "$(cksum <"$RESULTS/results.json")" != "$before" ]] && written=1
+        [[ "$("$PY" -c "$PART_ROWS_PY" "$RESULTS/results.json" "$part")" != "$before" ]] && written=1
+        rm -f "$JIT_DIR/lock" # a part killed while load() built the extension leaves it; the next would wait forever
+        pack_results
         case $rc in
             0) st=ran ;;
             1) st="ran, part failed (reason in README)" ;;
@@ -678,15 +719,6 @@ if wants bench; then
         printf '%s\t%s\t%s\t%s\n' "$part" "$st" "$rc" $(($(now) - t0)) >>"$STATE/parts.tsv"
         say "bench: $part: $st ($(($(now) - t0))s)"
     done
-    if [[ -f "$RESULTS/results.json" ]]; then
-        rm -f "$BENCH_TAR"
-        tar -czf "$BENCH_TAR" -C "$RESULTS" . 2>>"$BENCH_LOG"
-        if (($(stat -c %s "$BENCH_TAR") > 15 * 1024 * 1024)); then
-            tar -czf "$BENCH_TAR" -C "$RESULTS" --exclude='*.png' . 2>>"$BENCH_LOG"
-            echo "bench_results.tar.gz over 15 MiB with the plots: packed without them" >>"$BENCH_LOG"
-        fi
-        [[ -f "$RESULTS/README.md" ]] && cp "$RESULTS/README.md" "$BENCH_README"
-    fi
     record bench "$([[ -f "$RESULTS/results.json" ]] && echo ran || echo "no results")" - $(($(now) - bench_t0)) "preset $PRESET"
 else
     echo "not requested (RANK1_GPU_SESSION_STEPS)" >>"$BENCH_LOG"

@@ -191,8 +191,9 @@ def text_report(rows: list[dict], environment: dict) -> str:
     dirty = " (dirty tree)" if environment.get("tree_dirty") else ""
     header = (
         f"device: {environment['device']}\ntorch {environment['torch']}, triton {environment['triton']}, "
-        f"commit {environment['commit']}{dirty}, {environment['date_utc']}\n"
-        "times are medians; 'Nx' is the ratio to nn.Linear (layers), to the per-layer loop (AGO), to dense LoRA (step)"
+        f"commit {environment['commit']}{dirty}, {environment['date_utc']} (the run that wrote this file)\n"
+        + "".join(line + "\n" for line in provenance(rows))
+        + "times are medians; 'Nx' is the ratio to nn.Linear (layers), to the per-layer loop (AGO), to dense LoRA (step)"
     )
     summary_lines = summary(rows)
     if summary_lines:
@@ -204,6 +205,29 @@ def text_report(rows: list[dict], environment: dict) -> str:
 
 # Where and when a row was measured: stamped on every row, so rows kept by --append keep their own.
 ROW_ENVIRONMENT = ("device", "torch", "triton", "commit", "tree_dirty", "date_utc")
+
+
+# What must match for rows to be compared with each other (and for --resume to keep a group).
+PROVENANCE = ("commit", "device", "torch", "triton")
+
+
+def provenance(rows: list[dict]) -> list[str]:
+    """One line per distinct (commit, device, torch, triton) among the rows, with its row count and parts; empty when
+    every row comes from one: a resumed sweep can hold rows of several calls, and a header naming one commit would
+    credit them all to it."""
+    runs: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row.get(field) for field in PROVENANCE)
+        entry = runs.setdefault(key, {"rows": 0, "parts": {}})
+        entry["rows"] += 1
+        entry["parts"][row.get("group")] = None
+    if len(runs) < 2:
+        return []
+    lines = [f"MIXED: the rows come from {len(runs)} runs; compare rows of one run only"]
+    for (commit, device, torch_version, triton_version), entry in runs.items():
+        lines.append(f"  commit {commit}, {device}, torch {torch_version}, triton {triton_version}: "
+                     f"{entry['rows']} rows (parts {', '.join(map(str, entry['parts']))})")  # fmt: skip
+    return lines
 
 
 def stamp(rows: list[dict], environment: dict) -> list[dict]:
@@ -330,8 +354,11 @@ def markdown_readme(rows: list[dict], environment: dict, conditions: dict, files
         f"- Commit: `{environment['commit']}`{dirty}",
         f"- Load average at start (1/5/15 min): {environment.get('load_average_at_start')}",
         f"- Preset: `{conditions['preset']}`; command: `{_shown_command(conditions['command'], note)}`",
-        *(f"- Earlier run kept (--append): `{run['command']}`" for run in conditions.get("earlier_runs", [])),
+        *(f"- Earlier run kept (--append / --resume): `{run['command']}`" for run in conditions.get("earlier_runs", [])),
     ]
+    mixed = provenance(rows)
+    if mixed:  # the fields above are the last writer's: say where each row came from
+        lines += [f"- **{mixed[0]}**", *(f"  - {line.strip()}" for line in mixed[1:])]
     if note:
         lines.append(f"- Note: {note}")
     lines += ["", "Times are medians; ratios are to nn.Linear on the same inputs (1.00 = the floor). "

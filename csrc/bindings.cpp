@@ -60,6 +60,42 @@ void check_rows(const at::Tensor& x, const at::Tensor& idx, int64_t tokens_per_s
               tokens_per_sample, "), got ", x.size(0));
 }
 
+// The ops are public (torch.ops.rank1.*): check every shape, dtype and device the kernels assume, not only x's, so
+// a wrong argument is an error rather than a read past a buffer. Expert indices are not range-checked here: that
+// needs their values on the host (a sync); the Python layer checks them when device-sync checks are on.
+void check_same(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type(), "rank1 CUDA kernels: ", name,
+              " must be on x's device and of x's dtype (", x.device(), ", ", x.scalar_type(), "), got ", t.device(),
+              ", ", t.scalar_type());
+}
+
+void check_pool_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                       const at::Tensor& idx, const at::Tensor& gates, const std::optional<at::Tensor>& lora_input,
+                       int64_t tokens_per_sample) {
+  check_cuda(x, "x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && A.dim() == 2 && B.dim() == 2 && idx.dim() == 2,
+              "rank1 CUDA kernels: x, weight, A, B and idx must be 2-D");
+  check_same(weight, x, "weight");
+  check_same(A, x, "A");
+  check_same(B, x, "B");
+  check_same(gates, x, "gates");
+  const int64_t d_in = x.size(1), d_out = weight.size(0), r = A.size(0);
+  TORCH_CHECK(weight.size(1) == d_in && A.size(1) == d_in && B.size(0) == d_out && B.size(1) == r,
+              "rank1 CUDA kernels: expected weight (d_out, d_in), A (r, d_in), B (d_out, r) with d_in = ", d_in,
+              " from x; got weight ", weight.sizes(), ", A ", A.sizes(), ", B ", B.sizes());
+  TORCH_CHECK(idx.device() == x.device() && idx.scalar_type() == at::kLong,
+              "rank1 CUDA kernels: idx must be int64 on x's device, got ", idx.scalar_type(), " on ", idx.device());
+  TORCH_CHECK(idx.size(1) <= r, "rank1 CUDA kernels: idx chooses ", idx.size(1), " experts of r = ", r);
+  TORCH_CHECK(gates.sizes() == idx.sizes(), "rank1 CUDA kernels: gates must have idx's shape ", idx.sizes(),
+              ", got ", gates.sizes());
+  if (lora_input.has_value()) {
+    check_same(*lora_input, x, "lora_input");
+    TORCH_CHECK(lora_input->sizes() == x.sizes(), "rank1 CUDA kernels: lora_input must have x's shape ", x.sizes(),
+                ", got ", lora_input->sizes());
+  }
+  check_rows(x, idx, tokens_per_sample);
+}
+
 // out[row, slot] (fp32) = in[row] . proj[expert(row, slot)]; proj addressed by (stride_expert, stride_dim).
 at::Tensor shrink(const at::Tensor& in, const at::Tensor& proj, int64_t stride_expert, int64_t stride_dim,
                   const at::Tensor& idx, int64_t tokens_per_sample, cudaStream_t stream) {
@@ -76,8 +112,7 @@ std::tuple<at::Tensor, at::Tensor> pool_linear_fwd(const at::Tensor& x_in, const
                                                    const at::Tensor& gates_in, double scaling,
                                                    int64_t tokens_per_sample,
                                                    const std::optional<at::Tensor>& lora_input) {
-  check_cuda(x_in, "x");
-  check_rows(x_in, idx_in, tokens_per_sample);
+  check_pool_inputs(x_in, weight, A_in, B_in, idx_in, gates_in, lora_input, tokens_per_sample);
   const DeviceGuard guard(x_in.device());
   const auto stream = current_stream();
   const auto x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
@@ -97,8 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& idx_in, const at::Tensor& gates_in, const at::Tensor& u_in,
     double scaling, int64_t tokens_per_sample, const std::optional<at::Tensor>& lora_input) {
-  check_cuda(grad_y_in, "grad_y");
-  check_rows(x_in, idx_in, tokens_per_sample);
+  check_pool_inputs(x_in, weight, A_in, B_in, idx_in, gates_in, lora_input, tokens_per_sample);
+  check_same(grad_y_in, x_in, "grad_y");
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0) && grad_y_in.size(1) == weight.size(0),
+              "rank1 CUDA kernels: grad_y must be (rows, d_out) = (", x_in.size(0), ", ", weight.size(0), "), got ",
+              grad_y_in.sizes());
+  TORCH_CHECK(u_in.device() == x_in.device() && u_in.scalar_type() == at::kFloat && u_in.dim() == 2 &&
+                  u_in.size(0) == x_in.size(0) && u_in.size(1) == idx_in.size(1),
+              "rank1 CUDA kernels: u must be the forward's float32 (rows, k) = (", x_in.size(0), ", ", idx_in.size(1),
+              "), got ", u_in.scalar_type(), " ", u_in.sizes());
   const DeviceGuard guard(grad_y_in.device());
   const auto stream = current_stream();
   const auto dy = grad_y_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
@@ -137,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
 // The device tables of grouped AGO calls, by content. The tables hold offsets and sizes only, which depend on the
 // layers' shapes: a training loop's steps all find the same table, so after the first step no table is copied to
 // the device and the op can be captured in a CUDA graph. A model's shapes change only when a task's merge widens
-// B_prev, hence a small cache.
+// B_prev, so the cache stays small; it never evicts, because a captured graph (or work pending on another stream)
+// keeps reading a table's memory after the call returns.
 class AgoTableCache {
  public:
   at::Tensor get(const std::vector<int64_t>& host, const at::Device& device) {
@@ -148,13 +191,11 @@ class AgoTableCache {
       if (entry.first == key) return entry.second;
     }
     auto table = at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(device);
-    if (entries_.size() == kCapacity) entries_.pop_front();  // oldest first
     entries_.emplace_back(std::move(key), table);
     return table;
   }
 
  private:
-  static constexpr size_t kCapacity = 16;
   std::mutex mutex_;
   std::deque<std::pair<std::vector<int64_t>, at::Tensor>> entries_;
 };
@@ -198,6 +239,13 @@ AgoLayout ago_layout(const std::vector<at::Tensor>& b_curs, const std::vector<at
   int64_t cur_mask_size = 0, prev_mask_size = 0;
   for (int64_t l = 0; l < n; ++l) {
     check_cuda(b_curs[l], "B_cur");
+    const auto device = b_curs[0].device();
+    TORCH_CHECK(b_curs[l].device() == device && b_prevs[l].device() == device && cur_masks[l].device() == device &&
+                    prev_masks[l].device() == device,
+                "rank1 AGO: layer ", l, ": every B and mask must be on ", device);
+    TORCH_CHECK(b_curs[l].scalar_type() == b_curs[0].scalar_type() && b_prevs[l].scalar_type() == b_curs[0].scalar_type(),
+                "rank1 AGO: layer ", l, ": every B must be ", b_curs[0].scalar_type());
+    TORCH_CHECK(b_curs[l].dim() == 2 && b_prevs[l].dim() == 2, "rank1 AGO: layer ", l, ": B must be 2-D");
     const int64_t d_out = b_curs[l].size(0), r_cur = b_curs[l].size(1), r_prev = b_prevs[l].size(1);
     TORCH_CHECK(b_prevs[l].size(0) == d_out && cur_masks[l].numel() == r_cur && prev_masks[l].numel() == r_prev,
                 "rank1 AGO: layer ", l, " has mismatched shapes");
@@ -248,9 +296,17 @@ std::tuple<at::Tensor, at::Tensor> ago_bwd(
     const std::vector<at::Tensor>& b_prevs, const std::vector<at::Tensor>& cur_masks,
     const std::vector<at::Tensor>& prev_masks, int64_t p, bool prev_requires_grad) {
   TORCH_CHECK(!b_curs.empty(), "rank1 AGO: no layers");
+  TORCH_CHECK(p == 1 || p == 2, "rank1 AGO: p must be 1 or 2, got ", p);
   const DeviceGuard guard(b_curs[0].device());
   const auto stream = current_stream();
   const auto layout = ago_layout(b_curs, b_prevs, cur_masks, prev_masks);
+  TORCH_CHECK(grad_in.device() == b_curs[0].device() && grad_in.numel() == static_cast<int64_t>(b_curs.size()),
+              "rank1 AGO: grad must hold one value per layer (", b_curs.size(), ") on ", b_curs[0].device(), ", got ",
+              grad_in.numel(), " on ", grad_in.device());
+  TORCH_CHECK(gram_in.device() == b_curs[0].device() && gram_in.scalar_type() == at::kFloat &&
+                  gram_in.numel() == layout.gram_size,
+              "rank1 AGO: gram must be the forward's float32 buffer of ", layout.gram_size, " values, got ",
+              gram_in.scalar_type(), " with ", gram_in.numel());
   const auto grad = grad_in.to(at::kFloat).contiguous(), gram = gram_in.contiguous();
   auto d_cur = at::empty({layout.cur_size}, b_curs[0].options());
   auto d_prev = at::empty({prev_requires_grad ? layout.prev_size : 0}, b_curs[0].options());

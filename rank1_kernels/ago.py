@@ -61,6 +61,11 @@ def check_ago_inputs(B_curs, B_prevs, cur_masks, prev_masks, p) -> None:
                 f"layer {layer}: B_cur ({B_cur.dtype}, {B_cur.device}) and B_prev ({B_prev.dtype}, {B_prev.device}) "
                 f"must share dtype and device"
             )
+        if cur_mask.device != B_cur.device or prev_mask.device != B_cur.device:
+            raise ValueError(
+                f"layer {layer}: the masks (on {cur_mask.device} and {prev_mask.device}) must be on B's device "
+                f"{B_cur.device}; a fused kernel would read them through a pointer of another device"
+            )
 
 
 def ago_loss_grouped_ref(

@@ -72,8 +72,9 @@ def _fake_pool_linear_fwd(x, weight, bias, A, B, idx, gates, scaling, tokens_per
 
 
 def _fake_pool_linear_bwd(grad_y, x, weight, A, B, idx, gates, u, scaling, tokens_per_sample, lora_input):
-    d_lora_input = torch.empty_like(lora_input) if lora_input is not None else x.new_empty(0)
-    return torch.empty_like(x), d_lora_input, torch.empty_like(A), torch.empty_like(B), torch.empty_like(gates)
+    # The bindings make every input contiguous, so every gradient is row-major whatever its input's layout.
+    d_lora_input = lora_input.new_empty(lora_input.shape) if lora_input is not None else x.new_empty(0)
+    return x.new_empty(x.shape), d_lora_input, A.new_empty(A.shape), B.new_empty(B.shape), gates.new_empty(gates.shape)
 
 
 def _fake_ago_fwd(B_curs, B_prevs, cur_masks, prev_masks, p):

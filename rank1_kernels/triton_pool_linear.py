@@ -673,7 +673,8 @@ def _backward_kernels(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_s
     fill = torch.zeros_like if n_rows == 0 else _unwritten_like
     grad_A, grad_B, grad_gates = (fill(like) if need else x.new_empty(0)
                                   for need, like in ((need_A, A), (need_B, B), (need_gates, gates)))  # fmt: skip
-    grad_x, grad_lora_input = (fill(x) if need and n_rows == 0 else x.new_empty(0)
+    # Row-major whatever x's layout (the fused kernel writes them so): the fake says the same.
+    grad_x, grad_lora_input = (x.new_zeros(x.shape) if need and n_rows == 0 else x.new_empty(0)
                                for need in (need_x, need_lora_input))  # fmt: skip
     if n_rows == 0:
         return grad_x, grad_lora_input, grad_A, grad_B, grad_gates
@@ -725,7 +726,10 @@ def _(grad_y, x, weight, A, B, idx, gates, scaling, tokens_per_sample, lora_inpu
     def maybe(flag, like):
         return torch.empty_like(like) if flag else x.new_empty(0)
 
-    return maybe(need_x, x), maybe(need_lora_input, x), maybe(need_A, A), maybe(need_B, B), maybe(need_gates, gates)
+    def row_major(flag):  # dx and d(lora_input) are row-major whatever x's layout
+        return x.new_empty(x.shape) if flag else x.new_empty(0)
+
+    return row_major(need_x), row_major(need_lora_input), maybe(need_A, A), maybe(need_B, B), maybe(need_gates, gates)
 
 
 def _setup_context(ctx, inputs, output):

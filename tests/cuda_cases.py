@@ -119,7 +119,12 @@ def check_opcheck(device):
     """torch.library.opcheck on the four ops, forward and backward of the pool linear and of the grouped AGO (schema,
     fake implementation, autograd registration)."""
     x, weight, bias, A, B, idx, gates = pool_case(device, 2, 9, 32, 48, 12, 4, torch.float32)
-    for lora_input in (None, torch.randn_like(x).requires_grad_()):
+    column_major = {"lora_input": torch.randn_like(x).t().contiguous().t().requires_grad_(), "x": x.t().contiguous().t(),
+                    "A": A.t().contiguous().t(), "B": B.t().contiguous().t()}  # fmt: skip
+    cases = [(None, x, A, B), (torch.randn_like(x).requires_grad_(), x, A, B),
+             # The bindings make inputs contiguous, so the fakes must say every gradient is row-major.
+             (column_major["lora_input"], column_major["x"], column_major["A"], column_major["B"])]  # fmt: skip
+    for lora_input, x, A, B in cases:
         args = (x.clone().requires_grad_(), weight, bias, A.clone().requires_grad_(), B.clone().requires_grad_(), idx,
                 gates.clone().requires_grad_(), 0.5, 9, lora_input)  # fmt: skip
         torch.library.opcheck(torch.ops.rank1.cuda_pool_linear_fwd, args)

@@ -208,7 +208,7 @@ class _DelegatingBackend(backends.ReferenceBackend):
 
 def test_every_backend_is_timed_or_its_refusal_reported(monkeypatch):
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    monkeypatch.setattr(backends, "_INSTANCES", {})
+    monkeypatch.setattr(backends, "_INSTANCES", dict(backends._INSTANCES))
     backends.register_backend(_RefusingBackend.name, 1000, _RefusingBackend)
     backends.register_backend(_DelegatingBackend.name, 1001, _DelegatingBackend)
     sweep = LayerSweep("main", [LayerShape("t", "p", 2, 3, 8, 8)], [4], [2], ["fp32"], directions=["forward"])
@@ -410,6 +410,39 @@ def test_cli_resume_measures_only_the_missing_groups(tmp_path, monkeypatch):
     resumed, groups = _tokens_groups(tmp_path)
     assert groups == all_groups and resumed["conditions"]["kept_from_earlier_runs"] == [all_groups[0]]
     assert len(resumed["results"]) == len(document["results"]) * 2
+
+
+def test_cli_resume_measures_again_what_another_commit_measured_and_reports_mixed_sources(tmp_path, monkeypatch):
+    """Rows of another commit (or device, torch, triton) are not this code's numbers: --resume measures their groups
+    again, and until then keeps them, with every report saying which rows came from where."""
+    import bench.layer as layer_module
+
+    assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens,main"]) == 0
+    document, all_groups = _tokens_groups(tmp_path)
+    for row in document["results"]:
+        if row["group"] == "tokens" and row["group_key"] == all_groups[1]:
+            row["commit"] = "0ld0ld0"
+    with open(tmp_path / "results.json", "w") as handle:
+        json.dump(document, handle)
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    table, readme = (tmp_path / "table.txt").read_text(), (tmp_path / "README.md").read_text()
+    assert "MIXED: the rows come from 2 runs" in table and "commit 0ld0ld0" in table
+    assert "MIXED: the rows come from 2 runs" in readme and "commit 0ld0ld0" in readme
+
+    measured = []
+    run_group = layer_module.LayerBenchmark._run_group
+
+    def recording(self, sweep, shape, dtype_name):
+        measured.append(shape.rows)
+        yield from run_group(self, sweep, shape, dtype_name)
+
+    monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", recording)
+    assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens", "--resume"]) == 0
+    resumed, groups = _tokens_groups(tmp_path)
+    assert len(measured) == 1 and groups == all_groups
+    assert not any(row["commit"] == "0ld0ld0" for row in resumed["results"])
+    assert len(resumed["results"]) == len(document["results"])
+    assert "MIXED" not in (tmp_path / "table.txt").read_text()
 
 
 def test_report_rebuilds_when_the_floor_failed(tmp_path):

@@ -88,6 +88,9 @@ def test_ago_errors():
         ago_loss(B_cur, torch.randn(6, 3), torch.ones(4, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="masks must be bool .* got cur_mask torch.float32"):
         ago_loss(B_cur, B_prev, torch.tensor([0.5, 1.0, 0.0, 1.0]), torch.ones(3, dtype=torch.bool))
+    # B on another device than the masks ("meta" stands in for a GPU here): refused before any kernel reads them.
+    with pytest.raises(ValueError, match=r"masks \(on cpu and cpu\) must be on B's device meta"):
+        ago_loss(B_cur.to("meta"), B_prev.to("meta"), torch.ones(4, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
 
 
 def test_inject_errors():

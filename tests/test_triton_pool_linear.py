@@ -355,11 +355,16 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
 @pytest.mark.parametrize("shrink", SHRINKS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_opcheck(variant, shrink):
+def test_opcheck(variant, shrink, layout):
+    """opcheck compares the fakes' strides with the kernels' outputs too: a column-major x must give the fake's
+    layout of dx (a mismatch failed compiled backwards)."""
     inputs = _inputs(2, 3, 5, 7, 4, 2, True, True, _device(), seed=9)
     f = {n: (t.float() if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    if layout == "column-major":
+        f = {n: (t.t().contiguous().t() if t is not None and t.dim() == 2 else t) for n, t in f.items()}
     for name in ("x", "A", "B", "gates", "lora_input"):
         f[name].requires_grad_()
     forward_args = (f["x"], f["weight"], f["bias"], f["A"], f["B"], f["idx"], f["gates"], 0.5, 3, f["lora_input"],

@@ -82,6 +82,42 @@ def test_non_contiguous_inputs():
     cuda_cases.assert_close_by_rule(got, want, oracle, "non-contiguous inputs")
 
 
+def test_the_registered_ops_check_every_argument():
+    """torch.ops.rank1.cuda_* are public: a wrong shape or dtype of any argument is an error, not a read past a
+    buffer (only x's were checked before)."""
+    x, weight, bias, A, B, idx, gates = cuda_cases.pool_case("cpu", 2, 3, 8, 5, 6, 2, torch.float32)
+    good = dict(x=x, weight=weight, bias=bias, A=A, B=B, idx=idx, gates=gates, scaling=0.5, tokens_per_sample=3,
+                lora_input=None)  # fmt: skip
+    wrong = {
+        "gates of another dtype": ({"gates": gates.half()}, "gates must be on x's device and of x's dtype"),
+        "A narrower than x": ({"A": A[:, :4]}, r"expected weight \(d_out, d_in\), A \(r, d_in\)"),
+        "gates for fewer samples": ({"gates": gates[:1]}, "gates must have idx's shape"),
+        "int32 idx": ({"idx": idx.int()}, "idx must be int64"),
+        "lora_input of another shape": ({"lora_input": x[:, :4]}, "lora_input must have x's shape"),
+    }
+    for case, (change, message) in wrong.items():
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.rank1.cuda_pool_linear_fwd(**{**good, **change})
+        print("refused:", case)
+    y, u = torch.ops.rank1.cuda_pool_linear_fwd(**good)
+    backward = dict(grad_y=torch.randn_like(y), x=x, weight=weight, A=A, B=B, idx=idx, gates=gates, u=u, scaling=0.5,
+                    tokens_per_sample=3, lora_input=None)  # fmt: skip
+    with pytest.raises(RuntimeError, match="u must be the forward's float32"):
+        torch.ops.rank1.cuda_pool_linear_bwd(**{**backward, "u": u[:, :1]})
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        torch.ops.rank1.cuda_pool_linear_bwd(**{**backward, "grad_y": y[:, :2]})
+    curs, prevs = [torch.randn(4, 3)], [torch.randn(4, 2)]
+    masks, prev_masks = [torch.ones(3, dtype=torch.bool)], [torch.ones(2, dtype=torch.bool)]
+    losses, gram = torch.ops.rank1.cuda_ago_fwd(curs, prevs, masks, prev_masks, 1)
+    with pytest.raises(RuntimeError, match="grad must hold one value per layer"):
+        torch.ops.rank1.cuda_ago_bwd(torch.ones(2), gram, curs, prevs, masks, prev_masks, 1, False)
+    with pytest.raises(RuntimeError, match="p must be 1 or 2"):
+        torch.ops.rank1.cuda_ago_bwd(torch.ones(1), gram, curs, prevs, masks, prev_masks, 3, False)
+    with pytest.raises(RuntimeError, match="every B must be Float"):
+        torch.ops.rank1.cuda_ago_fwd(curs, [prevs[0].half()], masks, prev_masks, 1)
+    # The device checks need a second device (on one, a "meta" mask dispatches to the fake): unchecked here.
+
+
 def test_results_are_bitwise_deterministic():
     """Fixed reduction orders and no atomics: two runs give the same bits, forward and backward."""
     x, weight, bias, A, B, idx, gates = cuda_cases.pool_case("cpu", 3, 5, 17, 21, 7, 3, torch.bfloat16)
