@@ -68,21 +68,45 @@ def test_ddp_gloo_two_processes_match_one_process(tmp_path):
         )
 
 
+@pytest.mark.slow
+def test_ddp_dense_lora_with_a_learned_gate_setting_trains_without_its_routers(tmp_path):
+    """Dense LoRA routes nothing (pool_config sets its gate to "none"): with pool.gate=softmax configured, DDP must
+    still be told that the routers get no gradient, and they are neither trained nor counted."""
+    settings = {**SETTINGS, "data.tasks": "shapes", "train.iterations": "2", "train.method": "lora",
+                "pool.gate": "softmax"}  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rank1_cl", "train",
+        "--run-dir", str(tmp_path / "ddp"), "--no-progress", *[f"--set={key}={value}" for key, value in settings.items()],
+    ]  # fmt: skip
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, f"torchrun failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+    results = torch.load(tmp_path / "ddp/checkpoints/task_00_shapes/state.pt", weights_only=True)["results"]
+    model, *_ = create_clip(_config(tmp_path / "count", "fp32").model, seed=5)
+    config = apply_overrides(CLConfig(), settings)
+    counted = prepare_method(model, config.pool, "lora")
+    layers = dict(pool_layers(model))
+    assert counted == sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
+    assert results["trainable_parameters"] == counted
+
+
 class _TwoTowers(torch.nn.Module):
-    """A stand-in for CLIP: two linear towers with L2-normalised outputs."""
+    """A stand-in for CLIP: two linear towers with L2-normalised outputs, and a learned logit scale (trained by
+    method "full"; every rank's loss reaches it through the whole global batch)."""
 
     def __init__(self, dtype):
         super().__init__()
         generator = torch.Generator().manual_seed(1)
         self.image = torch.nn.Linear(6, 4, dtype=dtype)
         self.text = torch.nn.Linear(5, 4, dtype=dtype)
+        self.log_scale = torch.nn.Parameter(torch.tensor(2.302585092994046, dtype=dtype))  # scale 10
         with torch.no_grad():
             for parameter in self.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
 
     def forward(self, images, texts):
         return (torch.nn.functional.normalize(self.image(images), dim=1),
-                torch.nn.functional.normalize(self.text(texts), dim=1))  # fmt: skip
+                torch.nn.functional.normalize(self.text(texts), dim=1), self.log_scale.exp())  # fmt: skip
 
 
 def _global_batch(dtype):
@@ -101,8 +125,8 @@ def _gradients(context, dtype):
     rows = context.local_slice(len(labels))
     # Hold the DDP wrapper until backward is done: its reducer's hooks die with it.
     ddp_model = wrap_model(model, context, find_unused_parameters=False)
-    image_features, text_features = ddp_model(images[rows], texts[rows])
-    loss, _ = global_batch_loss(image_features, text_features, labels, 10.0, context)
+    image_features, text_features, logit_scale = ddp_model(images[rows], texts[rows])
+    loss, _ = global_batch_loss(image_features, text_features, labels, logit_scale, context)
     loss.backward()
     del ddp_model
     return {name: parameter.grad.detach().clone() for name, parameter in model.named_parameters()}

@@ -81,6 +81,50 @@ def test_resume_refuses_a_changed_config(tmp_path):
         run_continual(tiny_config(tmp_path, **{"run.resume": True, "train.lr": 1e-3}), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         run_continual(tiny_config(tmp_path), progress=False)
+    # The config is checked before the model files are read: a changed method is named as such, not reported as a
+    # missing model.safetensors.
+    with pytest.raises(ValueError, match="train.method: 'pool' -> 'full'"):
+        run_continual(tiny_config(tmp_path, **{"run.resume": True, "train.method": "full"}), progress=False)
+
+
+def test_resume_refuses_other_base_weights_under_the_same_name(tmp_path):
+    """model.pretrained names a file (or tag) whose weights may have changed since (the demo, run again, pre-trains
+    into the same path): the recorded merges belong to the old weights."""
+    from rank1_cl.checkpoint import base_fingerprint
+    from rank1_cl.model import create_clip
+
+    config = tiny_config(tmp_path, **{"run.stop_after_task": 1})
+    same = [base_fingerprint(create_clip(config.model, seed=3)[0]) for _ in range(2)]
+    assert same[0] == same[1] != base_fingerprint(create_clip(config.model, seed=4)[0])
+    run_continual(config, progress=False)
+    state_path = tmp_path / "checkpoints" / "task_00_shapes" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["base_fingerprint"] == same[0]
+    torch.save({**state, "base_fingerprint": "0" * 64}, state_path)
+    with pytest.raises(ValueError, match="base model's weights differ"):
+        run_continual(tiny_config(tmp_path, **{"run.resume": True}), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"train.ago_weight": float("nan")}, "train.ago_weight=nan: expected a finite number"),
+     ({"train.lr": float("inf")}, "train.lr=inf: expected a finite number"),
+     ({"model.device": "gpu"}, "model.device='gpu' is not a device")],
+)  # fmt: skip
+def test_config_refuses_non_finite_numbers_and_unknown_devices(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(CLConfig(), {"data.benchmark": "synthetic", **override}).validate()
+
+
+@pytest.mark.gpu
+def test_resume_on_gpu(tmp_path):
+    """Generator states are restored on the CPU whatever device the run trains on (they were loaded onto the GPU,
+    which torch.set_rng_state refuses). Bit equality with an uninterrupted run is the CPU test's: GPU kernels
+    outside this package need not be run-to-run deterministic."""
+    first = run_continual(tiny_config(tmp_path, **{"model.device": "cuda", "run.stop_after_task": 1}), progress=False)
+    resumed = run_continual(tiny_config(tmp_path, **{"model.device": "cuda", "run.resume": True}), progress=False)
+    assert resumed.results["matrices"]["mtil"][0] == first.results["matrices"]["mtil"][0]
+    assert len(resumed.results["matrices"]["mtil"]) == 2
 
 
 def test_resume_allows_another_worker_count_only_without_augmentation():

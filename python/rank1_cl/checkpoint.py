@@ -13,6 +13,7 @@ A run killed at any point resumes from the last task whose latest.json was writt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -41,17 +42,20 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device's generator only: under DDP each rank draws from its own device, all of them seeded
+        # alike and advanced alike (same shapes every step), so rank 0's is every rank's. Its view of the other
+        # devices' generators is not: restoring those would reset them to the seed.
+        state["cuda_current_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(_to_tuples(state["python"]))
     name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda_current_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current_device"].cpu())
 
 
 def _to_tuples(value):
@@ -127,12 +131,30 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return directory
 
 
-def load_checkpoint(directory: str, model: nn.Module, method: str, map_location="cpu") -> dict:
-    """Restore the model part into a freshly built (and, for pool/lora, freshly injected) model; returns state.pt."""
+def load_state(directory: str) -> dict:
+    """state.pt, on the CPU (generator states must be CPU tensors; nothing in it is needed elsewhere). Read it, and
+    check it (check_resumable), before load_model_part: a changed setting is then named as such, not reported as a
+    missing file or a shape mismatch."""
+    return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def load_model_part(directory: str, model: nn.Module, method: str, device="cpu") -> None:
+    """Restore the model part into a freshly built (and, for pool/lora, freshly injected) model."""
     if method in ("pool", "lora"):
         load_adapters(model, os.path.join(directory, "adapters.safetensors"))
     else:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(map_location)))
-    return torch.load(os.path.join(directory, "state.pt"), map_location=map_location, weights_only=True)
+        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)))
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the base model's parameters and buffers (names, dtypes, shapes, bytes): a resumed run must start
+    from the same base weights, whatever path or tag named them (the demo, run again, pre-trains into the same
+    path)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

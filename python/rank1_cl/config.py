@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,18 @@ class CLConfig:
                 "model.precision='fp16' would train the adapters in fp16, where AdamW's eps (1e-8) rounds to 0 and "
                 "the first step turns every zero gradient into NaN; use 'bf16' or 'fp32'"
             )
+        for section in (self.model, self.pool, self.train, self.data, self.eval, self.run):
+            for name, value in dataclasses.asdict(section).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{_section_name(section)}.{name}={value}: expected a finite number")
+        import torch  # here, not at the top: reading a config file needs no torch
+
+        try:
+            device = torch.device(self.model.device)
+        except RuntimeError as exc:
+            raise ValueError(f"model.device={self.model.device!r} is not a device: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"model.device={self.model.device!r}, but torch sees no CUDA device; use 'cpu'")
         _at_least("pool.r", self.pool.r, 1)
         if not 1 <= self.pool.k <= self.pool.r:
             raise ValueError(f"pool.k={self.pool.k} must be in [1, pool.r={self.pool.r}] (experts chosen per sample)")
@@ -182,6 +195,11 @@ class CLConfig:
                 f"pool.attention_projections has {sorted(unknown_projections)}; expected a subset of q, k, v, out"
             )
         return self
+
+
+def _section_name(section) -> str:
+    return {ModelConfig: "model", PoolSettings: "pool", TrainConfig: "train", DataConfig: "data", EvalConfig: "eval",
+            RunConfig: "run"}[type(section)]  # fmt: skip
 
 
 def _choice(key: str, value, choices) -> None:

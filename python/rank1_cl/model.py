@@ -91,7 +91,12 @@ def prepare_method(model: nn.Module, settings: PoolSettings, method: str) -> int
             config=pool_config(settings, method),
             text_routing=settings.text_routing,
         )
-        return mark_only_pool_trainable(model)
+        count = mark_only_pool_trainable(model)
+        if method == "lora":  # every expert serves every sample: the routers choose nothing and learn nothing
+            for _, layer in pool_layers(model):
+                layer.router.requires_grad_(False)
+                count -= sum(parameter.numel() for parameter in layer.router.parameters())
+        return count
     if method == "full":
         model.requires_grad_(True)
         return sum(parameter.numel() for parameter in model.parameters())

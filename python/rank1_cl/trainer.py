@@ -38,14 +38,16 @@ from .distributed import (
     activation_counts_snapshot,
     all_reduce_sum,
     barrier,
+    broadcast_pool_parameters,
     gather_with_local_grad,
     init_distributed,
+    scale_gradient,
     synchronize_activation_counts,
     wrap_model,
 )
 from .losses import label_aware_contrastive_loss
 from .metrics import format_matrix, summarize, write_results
-from .model import create_clip, merge_count, prepare_method
+from .model import create_clip, merge_count, pool_config, prepare_method
 
 logger = logging.getLogger("rank1_cl")
 
@@ -120,6 +122,8 @@ def global_batch_loss(image_features, text_features, labels, logit_scale, contex
     gradient of one process on the global batch."""
     image_features = gather_with_local_grad(image_features, context)
     text_features = gather_with_local_grad(text_features, context)
+    if context.distributed:  # every rank's loss sees all of the batch through logit_scale: undo the factor for it
+        logit_scale = scale_gradient(logit_scale, 1.0 / context.world_size)
     loss = label_aware_contrastive_loss(image_features, text_features, labels, logit_scale)
     return loss * context.world_size, float(loss.detach())
 
@@ -263,6 +267,7 @@ def run_continual(
     method, run_dir = config.train.method, config.run.run_dir
     seed_everything(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer = create_clip(config.model, config.train.seed, context.device)
+    base_fingerprint = checkpoints.base_fingerprint(model) if config.run.checkpoints or config.run.resume else None
     tasks = list(tasks) if tasks is not None else build_tasks(config, model, preprocess_train, preprocess_val)
     if not tasks:
         raise ValueError("the task sequence is empty; expected at least one task (data.tasks)")
@@ -273,8 +278,10 @@ def run_continual(
             model, top_m=merge_count(config.pool, method), ago_weight=config.train.ago_weight if method == "pool" else 0.0,
             backend=config.pool.backend,
         )  # fmt: skip
-    # With gate="none" the router gets no gradient (the paper's design), which DDP must be told about.
-    train_model = wrap_model(model, context, find_unused_parameters=method != "full" and config.pool.gate == "none")
+    # With gate="none" the router gets no gradient (the paper's design), which DDP must be told about. Dense LoRA has
+    # no routing at all (pool_config sets its gate to "none" whatever pool.gate says).
+    unused_routers = method == "pool" and pool_config(config.pool, method).gate == "none"
+    train_model = wrap_model(model, context, find_unused_parameters=unused_routers)
 
     task_names = [task.name for task in tasks]
     results = {
@@ -289,10 +296,18 @@ def run_continual(
         if directory is None:
             logger.info("no checkpoint under %s: starting from the first task", run_dir)
         else:
-            state = checkpoints.load_checkpoint(directory, model, method, map_location=context.device)
+            state = checkpoints.load_state(directory)
             checkpoints.check_resumable(state["config"], config.to_dict())
             if state["results"]["tasks"] != task_names:
                 raise ValueError(f"cannot resume: the checkpoint's tasks {state['results']['tasks']} != {task_names}")
+            saved_fingerprint = state.get("base_fingerprint")
+            if saved_fingerprint is not None and saved_fingerprint != base_fingerprint:
+                raise ValueError(
+                    f"cannot resume: the base model's weights differ from the checkpointed run's (model.pretrained="
+                    f"{config.model.pretrained!r} now holds other weights); its merges belong to the old weights. "
+                    f"Start a new run directory"
+                )
+            checkpoints.load_model_part(directory, model, method, context.device)
             if lifecycle is not None:
                 lifecycle.load_state_dict(state["lifecycle"])
             results = state["results"]
@@ -314,6 +329,9 @@ def run_continual(
             logger.info("task %d/%d: %s (%d classes)", task_index + 1, len(tasks), task.name, len(task.class_names))
         if lifecycle is not None:
             lifecycle.begin_task(task_index)
+            # Every rank drew the fresh pools from its own generator; DDP synchronises parameters only when it wraps
+            # the model, so make sure every replica starts the task from rank 0's draw.
+            broadcast_pool_parameters(model, context)
         outcome = train_task(model, train_model, task, task_index, config, context, lifecycle, tokenizer, progress)
         directory = checkpoints.task_directory(run_dir, task_index, task.name)
         if lifecycle is not None:
@@ -337,7 +355,7 @@ def run_continual(
                 state = {
                     "finished_tasks": task_index + 1, "rng": checkpoints.rng_state(),
                     "lifecycle": lifecycle.state_dict() if lifecycle is not None else None, "results": results,
-                    "config": config.to_dict(),
+                    "config": config.to_dict(), "base_fingerprint": base_fingerprint,
                 }  # fmt: skip
                 checkpoints.save_checkpoint(directory, model, method, state)
         barrier(context)
