@@ -187,14 +187,18 @@ class LayerBenchmark:
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
 
     def run(self, sweep: LayerSweep) -> Iterable[dict]:
+        # One group per (shape, dtype, r), each with its own nn.Linear row to compare against: a group's rows are
+        # written when it ends, so groups are kept small enough (about a hundred timings at ViT-B/16 on a GPU) that
+        # a time-limited call finishes some, and a resumed one moves forward.
         for shape in sweep.shapes:
             for dtype_name in sweep.dtypes:
-                what = (f"layer [{sweep.group}] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->"
-                        f"{shape.out_features} {dtype_name}")  # fmt: skip
-                if self.budget.allows(what):
-                    yield from self._run_group(sweep, shape, dtype_name)
+                for r in sweep.ranks:
+                    what = (f"layer [{sweep.group}] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->"
+                            f"{shape.out_features} {dtype_name} r={r}")  # fmt: skip
+                    if self.budget.allows(what):
+                        yield from self._run_group(sweep, shape, dtype_name, r)
 
-    def _run_group(self, sweep: LayerSweep, shape: LayerShape, dtype_name: str) -> Iterable[dict]:
+    def _run_group(self, sweep: LayerSweep, shape: LayerShape, dtype_name: str, r: int) -> Iterable[dict]:
         dtype = DTYPES[dtype_name]
         element_bytes = torch.finfo(dtype).bits // 8
         bytes_per_buffer = shape.rows * (shape.in_features + shape.out_features) * element_bytes
@@ -211,7 +215,8 @@ class LayerBenchmark:
             for _ in range(n_buffers)
         ]  # fmt: skip
         self.log(
-            f"[layer] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->{shape.out_features} {dtype_name}"
+            f"[layer] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->{shape.out_features} {dtype_name} "
+            f"r={r}"
         )
         base = dict(
             section="layer", group=sweep.group, model=shape.model, layer=shape.layer, n_samples=shape.n_samples,
@@ -219,11 +224,11 @@ class LayerBenchmark:
             out_features=shape.out_features, dtype=dtype_name, n_buffers=n_buffers,
         )  # fmt: skip
         group_rows: list[dict] = []
-        for method, r, k, routing, backend, module_or_reason in self._methods(sweep, shape, dtype, inputs[0]):
+        for method, rank, k, routing, backend, module_or_reason in self._methods(sweep, shape, dtype, inputs[0], r):
             label = f"pool[{backend}]" if backend else method
-            rank_for_cost = k if k is not None else (r or 0)
+            rank_for_cost = k if k is not None else (rank or 0)
             for direction in sweep.directions:
-                row = dict(base, method=label, backend=backend, r=r, k=k, routing=routing, direction=direction)
+                row = dict(base, method=label, backend=backend, r=rank, k=k, routing=routing, direction=direction)
                 for timer in timers_for(self.device, sweep.cuda_graphs):
                     result = dict(row, timer=timer)
                     if isinstance(module_or_reason, str):
@@ -239,35 +244,35 @@ class LayerBenchmark:
         _add_ratios(group_rows)
         yield from group_rows
 
-    def _methods(self, sweep: LayerSweep, shape: LayerShape, dtype: torch.dtype, example: torch.Tensor):
-        """(method, r, k, routing, backend, module or refusal reason) for every method of the sweep."""
+    def _methods(self, sweep: LayerSweep, shape: LayerShape, dtype: torch.dtype, example: torch.Tensor, r: int):
+        """(method, r, k, routing, backend, module or refusal reason) for every method of the sweep at rank r, and
+        nn.Linear (the same base weight whatever r: the prototypes draw it first from one seed)."""
         seed = 1234
         if LINEAR in sweep.methods:
             prototype = _prototype(shape, sweep.ranks[0], 1, "batch", dtype, self.device, seed)
             yield LINEAR, None, None, None, None, prototype.to_linear().requires_grad_(False)
-        for r in sweep.ranks:
-            prototype = _prototype(shape, r, 1, "batch", dtype, self.device, seed)
-            if DENSE in sweep.methods:
-                yield DENSE, r, None, None, None, DenseLoRALinear.from_pool(prototype)
-            if PEFT in sweep.methods:
-                yield PEFT, r, None, None, None, _or_reason(functools.partial(make_peft_lora, prototype))
-            for k in sweep.top_ks:
-                if k > r:
+        prototype = _prototype(shape, r, 1, "batch", dtype, self.device, seed)
+        if DENSE in sweep.methods:
+            yield DENSE, r, None, None, None, DenseLoRALinear.from_pool(prototype)
+        if PEFT in sweep.methods:
+            yield PEFT, r, None, None, None, _or_reason(functools.partial(make_peft_lora, prototype))
+        for k in sweep.top_ks:
+            if k > r:
+                continue
+            for routing in sweep.routings:
+                prototype = _prototype(shape, r, k, routing, dtype, self.device, seed)
+                if OFFICIAL in sweep.methods and routing == "batch":
+                    yield OFFICIAL, r, k, "batch", None, OfficialPoolLinear(prototype)
+                if "pool" not in sweep.methods:
                     continue
-                for routing in sweep.routings:
-                    prototype = _prototype(shape, r, k, routing, dtype, self.device, seed)
-                    if OFFICIAL in sweep.methods and routing == "batch":
-                        yield OFFICIAL, r, k, "batch", None, OfficialPoolLinear(prototype)
-                    if "pool" not in sweep.methods:
+                for backend in known_backends():
+                    reason = backend_refusal(backend, prototype, example, self.time_forced_only)
+                    if reason is not None:
+                        yield "pool", r, k, routing, backend, reason
                         continue
-                    for backend in known_backends():
-                        reason = backend_refusal(backend, prototype, example, self.time_forced_only)
-                        if reason is not None:
-                            yield "pool", r, k, routing, backend, reason
-                            continue
-                        layer = _prototype(shape, r, k, routing, dtype, self.device, seed)
-                        layer.backend = backend
-                        yield "pool", r, k, routing, backend, layer
+                    layer = _prototype(shape, r, k, routing, dtype, self.device, seed)
+                    layer.backend = backend
+                    yield "pool", r, k, routing, backend, layer
 
     def _measure(self, module: nn.Module, inputs, grads, direction: str, cuda_graph: bool) -> dict:
         module.train()

@@ -348,7 +348,7 @@ def test_cli_time_budget_skips_groups_but_still_writes_results(tmp_path):
     with open(tmp_path / "results.json") as handle:
         document = json.load(handle)
     assert document["results"] == []
-    assert any(what.startswith("layer [main] tiny proj ") and what.endswith(" fp32")
+    assert any(what.startswith("layer [main] tiny proj ") and " fp32 r=" in what
                for what in document["conditions"]["skipped_for_time"])  # fmt: skip
     assert "step ViT-B-16 fp32" in document["conditions"]["skipped_for_time"]
     assert "time budget" in (tmp_path / "README.md").read_text()
@@ -368,13 +368,13 @@ def test_cli_writes_each_finished_group_at_once_and_keeps_them_when_a_part_fails
     measured, seen_on_disk = [], []
     run_group = layer_module.LayerBenchmark._run_group
 
-    def second_group_fails(self, sweep, shape, dtype_name):
+    def second_group_fails(self, sweep, shape, dtype_name, r):
         measured.append(shape.rows)
         if len(measured) == 2:
             document, groups = _tokens_groups(tmp_path)
             seen_on_disk.append((groups, document["conditions"]["incomplete_parts"]))
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        yield from run_group(self, sweep, shape, dtype_name)
+        yield from run_group(self, sweep, shape, dtype_name, r)
 
     monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", second_group_fails)
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens"]) == 1
@@ -400,9 +400,9 @@ def test_cli_resume_measures_only_the_missing_groups(tmp_path, monkeypatch):
     measured = []
     run_group = layer_module.LayerBenchmark._run_group
 
-    def recording(self, sweep, shape, dtype_name):
+    def recording(self, sweep, shape, dtype_name, r):
         measured.append(shape.rows)
-        yield from run_group(self, sweep, shape, dtype_name)
+        yield from run_group(self, sweep, shape, dtype_name, r)
 
     monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", recording)
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens", "--resume"]) == 0
@@ -432,9 +432,9 @@ def test_cli_resume_measures_again_what_another_commit_measured_and_reports_mixe
     measured = []
     run_group = layer_module.LayerBenchmark._run_group
 
-    def recording(self, sweep, shape, dtype_name):
+    def recording(self, sweep, shape, dtype_name, r):
         measured.append(shape.rows)
-        yield from run_group(self, sweep, shape, dtype_name)
+        yield from run_group(self, sweep, shape, dtype_name, r)
 
     monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", recording)
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens", "--resume"]) == 0
