@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("open_clip")
 
+from _tolerance import assert_close_by_rule
 from rank1_cl.__main__ import main
 from rank1_cl.config import CLConfig, apply_overrides
 from rank1_cl.metrics import summarize
@@ -114,6 +115,25 @@ def test_resume_refuses_other_base_weights_under_the_same_name(tmp_path):
 def test_config_refuses_non_finite_numbers_and_unknown_devices(override, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(CLConfig(), {"data.benchmark": "synthetic", **override}).validate()
+
+
+@pytest.mark.slow
+def test_compiled_training_traces_once_and_trains_as_eager_does(tmp_path):
+    """train.compile: one graph for the whole training forward (pool layers, routing, counting, text-routing hooks),
+    kept across steps and tasks (merges and fresh pools change no guard), and the same training as eager by the
+    tolerance rule. Per-sample routing and no dropout, so that rounding cannot change an expert choice or a mask."""
+    from torch._dynamo.utils import counters
+
+    settings = {"pool.routing": "sample", "pool.dropout": 0.0, "run.checkpoints": False, "train.ago_weight": 50.0}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run_continual(tiny_config(tmp_path / "compiled", **settings, **{"train.compile": True}), progress=False)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    eager = run_continual(tiny_config(tmp_path / "eager", **settings), progress=False)
+    oracle = run_continual(tiny_config(tmp_path / "fp64", **settings, **{"model.precision": "fp64"}), progress=False)
+    layers = [dict(pool_layers(run.model)) for run in (compiled, eager, oracle)]
+    for name, layer in layers[0].items():
+        assert_close_by_rule(layer.weight, layers[1][name].weight, layers[2][name].weight, f"{name}.weight")
 
 
 @pytest.mark.gpu

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last finished task in --run-dir")
     train.add_argument("--no-checkpoints", action="store_true")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--compile", action="store_true", help="torch.compile the training forward (sets train.compile)")
 
     params = commands.add_parser("params", help="trainable-parameter report (built on the meta device)")
     params.add_argument("--model", default="ViT-B-16")
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
                 overrides["run.resume"] = True
             if arguments.no_checkpoints:
                 overrides["run.checkpoints"] = False
+            if arguments.compile:
+                overrides["train.compile"] = True
             config = load_config(arguments.config, overrides)
             context = init_distributed(config.model.device)
             try:

@@ -27,10 +27,12 @@ from rank1_kernels.adapters import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
-# Settings that may change between a run and its resumption (they do not change the computation). The worker count
-# does, with data.train_augment: random transforms draw from the global generator in the main process and from
-# per-worker seeds in workers.
-RESUMABLE_DIFFERENCES = ("run.", "data.num_workers", "data.data_root", "model.device", "train.log_every")
+# Settings that may change between a run and its resumption (they do not change the computation; compiled kernels
+# round differently from eager ones, so a run resumed with another train.compile agrees closely, not bitwise). The
+# worker count does, with data.train_augment: random transforms draw from the global generator in the main process
+# and from per-worker seeds in workers.
+RESUMABLE_DIFFERENCES = ("run.", "data.num_workers", "data.data_root", "model.device", "train.log_every",
+                         "train.compile")  # fmt: skip
 
 
 def rng_state() -> dict:

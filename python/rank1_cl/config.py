@@ -59,7 +59,9 @@ class PoolSettings:
 @dataclass
 class TrainConfig:
     """method: "pool" (rank-1 expert pool + AGO, the paper), "lora" (dense LoRA of rank r, all experts merged
-    after each task), "full" (sequential fine-tuning of every weight). shots: images per class (None: full-shot)."""
+    after each task), "full" (sequential fine-tuning of every weight). shots: images per class (None: full-shot).
+    compile: torch.compile the training forward (the pool layers trace without graph breaks; the first step of a
+    run compiles). An eager step is bound by the host's per-layer work on a fast GPU; this takes it out."""
 
     method: str = "pool"
     iterations: int = 500
@@ -71,6 +73,7 @@ class TrainConfig:
     shots: Optional[int] = 5
     seed: int = 42
     log_every: int = 50
+    compile: bool = False
 
 
 @dataclass

@@ -282,6 +282,8 @@ def run_continual(
     # no routing at all (pool_config sets its gate to "none" whatever pool.gate says).
     unused_routers = method == "pool" and pool_config(config.pool, method).gate == "none"
     train_model = wrap_model(model, context, find_unused_parameters=unused_routers)
+    if config.train.compile:  # evaluation stays eager: it runs once per task, on other shapes
+        train_model = torch.compile(train_model)
 
     task_names = [task.name for task in tasks]
     results = {
