@@ -233,8 +233,9 @@ def _layer_table(table_rows: list[list[int]], device: torch.device, key: tuple) 
 
 def _pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Row-major flattening of every matrix (or vector), one after another; never empty (kernels need a real
-    pointer: an empty result gets one zero, padded on so that the autograd graph to the inputs stays). Matrices sharing a column count (a model's pools usually share r) are stacked along their rows: the same
-    bytes in the same order, without a reshape per layer in the forward and a view node per layer in autograd."""
+    pointer: an empty result gets one zero, padded on so that the autograd graph to the inputs stays). Matrices
+    sharing a column count (a model's pools usually share r) are stacked along their rows: the same bytes in the same
+    order, without a reshape per layer in the forward and a view node per layer in autograd."""
     if tensors[0].dim() == 1 or all(t.shape[1] == tensors[0].shape[1] for t in tensors):
         flat = torch.cat(tensors).reshape(-1)
     else:

@@ -58,6 +58,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda_current_device" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_current_device"].cpu())
+    elif "cuda" in state and torch.cuda.is_available():  # checkpoints written before: every device's state
+        device = torch.cuda.current_device()
+        if device < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][device].cpu())
 
 
 def _to_tuples(value):
