@@ -604,17 +604,23 @@ sys.exit(main(sys.argv[1:]))
 '
 # Parts already complete in RESULTS (the latest run of each, without groups skipped for time, a failure, or a
 # stop before its end: a run writes its finished groups as it goes, with the parts not finished yet listed).
+# A part measured by another commit is not complete for this one: `sweep --resume` measures its groups again.
 DONE_PY='
-import json, sys
+import json, os, sys
 try:
-    conditions = json.load(open(sys.argv[1]))["conditions"]
+    document = json.load(open(sys.argv[1]))
 except Exception:
     sys.exit(0)
+conditions, rows = document["conditions"], document["results"]
 state = {}
 for run in [*conditions.get("earlier_runs", []), conditions]:
     for part in run.get("parts", []):
         state[part] = (not run.get("skipped_for_time") and part not in run.get("failed_parts", {})
                        and part not in run.get("incomplete_parts", []))
+commit = os.environ.get("RANK1_COMMIT") or None
+for part in state:
+    if commit and any(row.get("commit") != commit for row in rows if row.get("group") == part):
+        state[part] = False
 print(" ".join(part for part, complete in state.items() if complete))
 '
 VALID_PY='import json, sys; json.load(open(sys.argv[1]))'
