@@ -155,13 +155,22 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         conditions["earlier_runs"] = earlier_runs
 
     def all_rows() -> list[dict]:
-        """This run's rows, and the earlier rows of every group it has not measured again (another run's rows stay
-        until replaced, labelled by their own commit and device)."""
+        """This run's rows, and the earlier rows it has not measured again: another run's rows of a group stay until
+        replaced (labelled by their own commit and device), unless their group is no longer in the preset."""
         fresh = rows + report.stamp(part_rows, env)
         measured = {row.get("group_key") for row in fresh}
-        kept = [row for row in previous_rows if row.get("group") not in parts or row.get("group_key") in done
-                or (row.get("group_key") is not None and row.get("group_key") not in measured)]  # fmt: skip
-        return kept + fresh
+
+        def keep(row: dict) -> bool:
+            key = row.get("group_key")
+            if row.get("group") not in parts or key in done:
+                return True
+            if key is None or key in measured:
+                return False
+            # A part that ran to its end asked about every group it has: a key it never named is of an older preset.
+            ran_to_end = row.get("group") in finished_parts and row.get("group") not in failed_parts
+            return not ran_to_end or key in budget.seen
+
+        return [row for row in previous_rows if keep(row)] + fresh
 
     def write_finished_groups() -> None:
         """results.json with every group finished so far; the parts not finished yet are marked incomplete."""

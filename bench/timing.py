@@ -152,8 +152,10 @@ class TimeBudget:
         self.skipped: list[str] = []
         self.done, self.on_group = set(done), on_group
         self.current: str | None = None
+        self.seen: set[str] = set()  # every group asked about: the groups the preset has now
 
     def allows(self, what: str) -> bool:
+        self.seen.add(what)
         if self.on_group is not None:
             self.on_group()
         if what in self.done:

@@ -444,6 +444,16 @@ def test_cli_resume_measures_again_what_another_commit_measured_and_reports_mixe
     assert len(resumed["results"]) == len(document["results"])
     assert "MIXED" not in (tmp_path / "table.txt").read_text()
 
+    # Rows of a group the preset no longer has (an older grouping) go once their part has run to its end.
+    for row in resumed["results"]:
+        if row["group"] == "tokens" and row["group_key"] == all_groups[0]:
+            row["group_key"], row["commit"] = "layer [tokens] an older grouping", "0ld0ld0"
+    with open(tmp_path / "results.json", "w") as handle:
+        json.dump(resumed, handle)
+    assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens", "--resume"]) == 0
+    final, groups = _tokens_groups(tmp_path)
+    assert groups == all_groups and len(final["results"]) == len(document["results"])
+
 
 def test_report_rebuilds_when_the_floor_failed(tmp_path):
     """When nn.Linear's row of a shape failed, the other rows have no ratio; the README still renders them."""
