@@ -91,7 +91,8 @@ def frozen_base_message(kernels: str) -> str:
     )
 
 
-# name -> (priority for "auto": lower first, factory). Factories run on first use, not at import.
+# name -> (priority for "auto": lower first, factory). Each factory runs once, when registered (_INSTANCES); an
+# optional backend registers when its module is first needed (_LAZY_MODULES).
 _REGISTRY: dict[str, tuple[int, Callable[[], Backend]]] = {"reference": (100, ReferenceBackend)}
 # Backends that live in optional modules; importing them registers them. A failed import is remembered as the reason.
 _LAZY_MODULES: dict[str, str] = {}

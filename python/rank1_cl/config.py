@@ -310,7 +310,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     if path.endswith(".toml"):
-        import tomllib
+        try:
+            import tomllib  # Python 3.11+
+        except ModuleNotFoundError:
+            try:
+                import tomli as tomllib  # the same parser, packaged for Python 3.10
+            except ModuleNotFoundError:
+                raise ValueError(
+                    f"config file {path!r}: reading TOML needs Python 3.11+ or `pip install tomli`; or write it as .json"
+                ) from None
 
         with open(path, "rb") as handle:
             return tomllib.load(handle)
