@@ -168,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(args.samples)
     for name, value in results.items():
         print(f"{name:40s} {value:10.1f} us")
-    if args.json:
-        environment = {"torch": torch.__version__, "triton": triton.__version__, "launch_path": args.launch_path}
+    if args.json:  # with where and what ran, so a quoted figure can name its machine, versions and commit
+        from bench.environment import environment
+
+        where = environment(torch.device("cpu"))
+        assert where["triton"] == triton.__version__
+        document = {**where, "launch_path": args.launch_path, "samples": args.samples, "median_us": results}
         with open(args.json, "w") as handle:
-            json.dump({**environment, "median_us": results}, handle, indent=1)
+            json.dump(document, handle, indent=1)
     return 0
 
 

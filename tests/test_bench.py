@@ -649,8 +649,9 @@ def test_host_overhead_script_times_every_row(tmp_path, launch_path):
     result = subprocess.run(command + (["--launch-path"] if launch_path else []), cwd=ROOT, capture_output=True,
                             text=True, timeout=900, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(out.read_text())["launch_path"] == launch_path
-    medians = json.loads(out.read_text())["median_us"]
+    document = json.loads(out.read_text())
+    assert document["launch_path"] == launch_path and document["commit"] and document["torch"] == torch.__version__
+    medians = document["median_us"]
     pools = ("pool r=12", "pool r=64", "pool r=12 softmax")
     rows = [f"{pool} {direction}" for pool in pools for direction in ("forward", "forward+backward")]
     rows += ["nn.Linear forward", "nn.Linear forward+backward", "AGO 144 layers forward+backward"]
