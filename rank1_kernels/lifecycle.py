@@ -41,10 +41,12 @@ class PoolLifecycle:
         self.current_task = task_id
 
     def loss_extra(self) -> torch.Tensor:
-        """ago_weight * the AGO penalty averaged over pool layers; exactly zero before any task has been merged."""
-        if not self.finished_tasks or self.ago_weight == 0:
-            parameter = next(layer.lora_B for _, layer in pool_layers(self.model))
-            return parameter.new_zeros(())
+        """ago_weight * the AGO penalty averaged over pool layers; exactly zero before any task has been merged.
+        Whether merges exist is read off the model (a shape, no device sync), not this object's history: a model
+        restored from its state_dict or an adapter file under a new lifecycle keeps its AGO term."""
+        layers = [layer for _, layer in pool_layers(self.model)]
+        if self.ago_weight == 0 or not any(layer.merged_B.shape[1] for layer in layers):
+            return layers[0].lora_B.new_zeros(())
         return self.ago_weight * ago_penalty(self.model, top_m=self.top_m, p=self.ago_p, backend=self.backend)
 
     def end_task(self, top_m: int | None = None) -> dict[str, torch.Tensor]:

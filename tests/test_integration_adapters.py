@@ -53,6 +53,52 @@ def test_function_hooks_keep_one_lifecycle_per_model_and_its_history():
     assert hooks.lifecycle_of(other).finished_tasks == ["a"] and hooks.lifecycle_of(other).current_task == "b"
 
 
+def test_function_hooks_reach_one_lifecycle_through_wrappers_and_never_invent_one():
+    """HF Trainer passes compute_loss the wrapped model (DataParallel, DDP, torch.compile) and its callbacks the
+    bare one: both must reach the lifecycle begin_task made, not a second one with default settings."""
+    model = nn.Sequential()
+    model.mlp = nn.Sequential()
+    model.mlp.c_fc = nn.Linear(8, 8)
+    inject(model, r=4, k=2)
+    with pytest.raises(RuntimeError, match=r"hooks.loss_extra\(model\) before hooks.begin_task"):
+        hooks.loss_extra(model)
+    hooks.begin_task(model, "a", top_m=2, ago_weight=0.5)
+    for wrapper in (nn.DataParallel(model), torch.compile(model)):
+        assert hooks.lifecycle_of(wrapper) is hooks.lifecycle_of(model)
+    model(torch.randn(3, 5, 8))
+    with torch.no_grad():
+        model.mlp.c_fc.lora_B.normal_()
+    hooks.end_task(nn.DataParallel(model))
+    assert hooks.lifecycle_of(model).finished_tasks == ["a"]
+
+
+def test_ago_term_follows_the_merges_the_model_holds_not_the_lifecycle_history():
+    """A model restored from its state_dict (or an adapter file) under a fresh lifecycle has merges: its AGO term
+    must be on from the first step, not silently zero until a task of this lifecycle ends."""
+    def build():
+        model = nn.Sequential()
+        model.mlp = nn.Sequential()
+        model.mlp.c_fc = nn.Linear(8, 8)
+        return inject(model, r=4, k=2)
+
+    torch.manual_seed(0)
+    trained = build()
+    lifecycle = PoolLifecycle(trained, top_m=2, ago_weight=0.5)
+    lifecycle.begin_task(0)
+    trained(torch.randn(3, 5, 8))
+    with torch.no_grad():
+        trained.mlp.c_fc.lora_B.normal_()
+    lifecycle.end_task()
+    restored = build()
+    restored.load_state_dict(trained.state_dict())
+    fresh = PoolLifecycle(restored, top_m=2, ago_weight=0.5)
+    fresh.begin_task(1)
+    restored(torch.randn(3, 5, 8))
+    with torch.no_grad():
+        restored.mlp.c_fc.lora_B.normal_()
+    assert fresh.finished_tasks == [] and fresh.loss_extra().item() > 0
+
+
 def test_open_clip_script_recipe_saves_and_resumes_the_continual_history(tmp_path):
     pytest.importorskip("open_clip")
     example = _load_example("open_clip_training")

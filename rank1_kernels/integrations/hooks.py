@@ -6,8 +6,9 @@
     hooks.end_task(model, top_m=4)                # merge the top_m experts of every layer
     checkpoint = {"model": model.state_dict(), "pool_lifecycle": hooks.state_dict(model)}
 
-Each model gets one PoolLifecycle (see rank1_kernels.lifecycle), created on the first call with the given
-settings; lifecycle_of(model) returns it. The pool tensors and merge history travel in model.state_dict(); the
+Each model gets one PoolLifecycle (see rank1_kernels.lifecycle), created by begin_task (or lifecycle_of,
+load_state_dict) with the given settings; lifecycle_of(model) returns it. A wrapper (DataParallel,
+DistributedDataParallel, torch.compile) counts as the model it wraps, so a trainer may pass either. The pool tensors and merge history travel in model.state_dict(); the
 lifecycle's state_dict() holds the rest of the continual history (tasks run, counts and merged experts per task).
 """
 
@@ -23,10 +24,23 @@ from ..lifecycle import PoolLifecycle
 _ATTRIBUTE = "_rank1_pool_lifecycle"
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers (HF Trainer hands its hooks
+    the wrapped model in one place and the bare one in another: both must reach one lifecycle)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def lifecycle_of(
     model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"
 ) -> PoolLifecycle:
     """The model's PoolLifecycle, created with these settings on the first call (later calls ignore them)."""
+    model = unwrapped(model)
     lifecycle = model.__dict__.get(_ATTRIBUTE)
     if lifecycle is None:
         lifecycle = PoolLifecycle(model, top_m=top_m, ago_weight=ago_weight, ago_p=ago_p, backend=backend)
@@ -39,19 +53,30 @@ def begin_task(model: nn.Module, task_id, **settings) -> None:
     lifecycle_of(model, **settings).begin_task(task_id)
 
 
+def _existing(model: nn.Module, call: str) -> PoolLifecycle:
+    """The lifecycle begin_task (or load_state_dict) made; never a new one with default settings."""
+    lifecycle = unwrapped(model).__dict__.get(_ATTRIBUTE)
+    if lifecycle is None:
+        raise RuntimeError(
+            f"hooks.{call}(model) before hooks.begin_task(model, task_id, ...) (or hooks.load_state_dict when "
+            f"resuming): the model has no pool lifecycle yet, so its settings (top_m, ago_weight) are unknown"
+        )
+    return lifecycle
+
+
 def loss_extra(model: nn.Module) -> torch.Tensor:
     """ago_weight * the AGO penalty: add it to the task loss before backward()."""
-    return lifecycle_of(model).loss_extra()
+    return _existing(model, "loss_extra").loss_extra()
 
 
 def end_task(model: nn.Module, top_m: int | None = None) -> dict[str, torch.Tensor]:
     """Merge each layer's top_m most activated experts (the lifecycle's top_m when None); returns them per layer."""
-    return lifecycle_of(model).end_task(top_m)
+    return _existing(model, "end_task").end_task(top_m)
 
 
 def state_dict(model: nn.Module) -> dict:
     """The lifecycle's history (save it beside model.state_dict())."""
-    return lifecycle_of(model).state_dict()
+    return _existing(model, "state_dict").state_dict()
 
 
 def load_state_dict(model: nn.Module, state: dict) -> None:
