@@ -131,6 +131,45 @@ def test_the_bridge_refuses_a_second_adapter():
         Rank1PoolLoraLinear(nn.Conv1d(2, 2, 1), "default")
 
 
+def _bf16_net():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.mlp = nn.Sequential()
+    model.mlp.c_fc = nn.Linear(16, 16)
+    return model.to(torch.bfloat16)
+
+
+def test_a_half_precision_model_needs_peft_to_keep_its_dtype_and_says_so(tmp_path):
+    """peft's default autocast_adapter_dtype=True recreates a bf16 adapter's parameters in fp32, the shared base
+    weight too: the pool then no longer writes its merges into the base layer. That is refused with the fix named;
+    with autocast_adapter_dtype=False the pool shares the weight, merges into it, and the saved adapter loads back
+    (load_rank1_pool_adapter keeps the dtype itself)."""
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    config = dict(target_modules=["c_fc"], r=4, k=2, top_m=2)
+    cast = get_peft_model(_bf16_net(), rank1_pool_lora_config(**config))
+    with pytest.raises(RuntimeError, match="autocast_adapter_dtype=False"):
+        cast(x)
+    kept = get_peft_model(_bf16_net(), rank1_pool_lora_config(**config), autocast_adapter_dtype=False)
+    layer = next(m for m in kept.modules() if isinstance(m, Rank1PoolLoraLinear))
+    assert layer.lora_pool["default"].weight is layer.base_layer.weight
+    kept(x)
+    with torch.no_grad():
+        layer.lora_pool["default"].lora_B.normal_()
+    before = layer.base_layer.weight.detach().clone()
+    lifecycle = PoolLifecycle(kept, top_m=2)
+    lifecycle.begin_task(0)
+    kept(x)
+    with torch.no_grad():
+        layer.lora_pool["default"].lora_B.normal_()
+    lifecycle.end_task()
+    assert not torch.equal(layer.base_layer.weight, before)  # the merge reached the base layer
+    save_rank1_pool_adapter(kept, tmp_path)
+    loaded = load_rank1_pool_adapter(_bf16_net(), tmp_path)
+    loaded_layer = next(m for m in loaded.modules() if isinstance(m, Rank1PoolLoraLinear))
+    assert torch.equal(loaded_layer.base_layer.weight, layer.base_layer.weight)
+    assert loaded(x).dtype == torch.bfloat16
+
+
 # ---- save_pretrained and loading back ---------------------------------------------------------------------------
 
 POOL = dict(r=4, lora_alpha=2.0, k=2, top_m=2)  # lora_alpha != 1: the scaling, 0.5, must survive the round trip

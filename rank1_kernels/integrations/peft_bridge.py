@@ -6,7 +6,7 @@ targeted nn.Linear, so that get_peft_model, save_pretrained and merge_and_unload
 
     config = rank1_pool_lora_config(target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
                                     r=12, lora_alpha=1.0, k=8, top_m=4)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=False)  # bf16/fp16 models: keep the base dtype
     ...                                     # train; PoolLifecycle(model) works on the peft model too
     model = model.merge_and_unload()        # W += (alpha / r) B[:, top_m] A[top_m, :]: the weights of merge_all()
 
@@ -134,7 +134,22 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.lora_pool]
         if len(active) > 1:
             raise ValueError(f"Rank1PoolLoraLinear runs one adapter at a time; active: {active}")
-        return self.lora_pool[active[0]] if active else None
+        return self._pool(active[0]) if active else None
+
+    def _pool(self, adapter_name: str) -> FusedRank1PoolLinear:
+        """The adapter's pool, checked to still share the base layer's weight in its dtype: peft's get_peft_model
+        (autocast_adapter_dtype=True, its default) recreates a bf16/fp16 adapter's parameters in fp32, the shared
+        weight included, after which merges would go into a private copy and the forward fails on mixed dtypes."""
+        pool = self.lora_pool[adapter_name]
+        weight = self.base_layer.weight
+        if pool.weight is not weight or pool.bias is not self.base_layer.bias or pool.lora_A.dtype != weight.dtype:
+            raise RuntimeError(
+                f"the rank-1 pool of adapter {adapter_name!r} no longer shares its base layer's {weight.dtype} weight "
+                f"(pool weight {pool.weight.dtype}, lora_A {pool.lora_A.dtype}): peft casts a half-precision model's "
+                f"adapters to float32 unless told not to. Build it with get_peft_model(model, config, "
+                f"autocast_adapter_dtype=False); the pool keeps its rank products in float32 anyway"
+            )
+        return pool
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters and self.merged:
@@ -147,7 +162,7 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """What merging `adapter_name` adds to the base weight: scaling * B[:, top_m] A[top_m, :] in the weight's
         dtype (the top_m most activated experts of the pool)."""
-        pool = self.lora_pool[adapter_name]
+        pool = self._pool(adapter_name)
         top = pool.top_experts(self.top_m)
         dtype = pool._merge_dtype
         return ((pool.lora_B[:, top].to(dtype) @ pool.lora_A[top].to(dtype)) * pool.scaling).to(pool.weight.dtype)
@@ -157,7 +172,7 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name not in self.lora_pool or name in self.merged_adapters:
                 continue
-            pool = self.lora_pool[name]
+            pool = self._pool(name)
             if safe_merge:
                 merged = pool.weight.to(pool._merge_dtype) + self.get_delta_weight(name).to(pool._merge_dtype)
                 if not torch.isfinite(merged).all():
@@ -314,4 +329,12 @@ def load_rank1_pool_adapter(
     saved = LoraConfig.from_pretrained(os.fspath(path))
     config = _with_pool_layers(saved, settings["k"], settings["top_m"], settings["routing"], settings["gate"], backend,
                                settings["batch_first"])  # fmt: skip
-    return PeftModel.from_pretrained(model, os.fspath(path), config=config, is_trainable=is_trainable)
+    # The pool computes in the base weight's dtype and shares that weight: peft must not cast it (see _pool).
+    keep_dtype = {"autocast_adapter_dtype": False} if _accepts(PeftModel.from_pretrained, "autocast_adapter_dtype") else {}
+    return PeftModel.from_pretrained(model, os.fspath(path), config=config, is_trainable=is_trainable, **keep_dtype)
+
+
+def _accepts(function, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(function).parameters
