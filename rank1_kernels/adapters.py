@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 
 import torch
 import torch.nn as nn
@@ -40,11 +40,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(handle)
+    temporary = _new_temporary(directory, os.path.basename(path))
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
         _fsync(temporary)
         os.replace(temporary, path)
     except BaseException:
@@ -54,10 +52,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     _fsync(directory)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+def _new_temporary(directory: str, name: str) -> str:
+    """A new empty file beside the target, created with mode 0666 for the kernel to narrow by the umask, as open()
+    does (mkstemp's 0600 would hide it from the rest of a group; reading the umask means setting it, which races
+    with other threads). write() then replaces its contents, keeping the mode."""
+    for _ in range(100):
+        temporary = os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{name}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {directory}")
 
 
 def _fsync(path: str) -> None:

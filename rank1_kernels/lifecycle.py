@@ -21,6 +21,19 @@ import torch.nn as nn
 from .inject import ago_penalty, merge_all, pool_layers
 
 
+def _agree_across_ranks(model: nn.Module) -> None:
+    """Under torch.distributed, every rank merges the experts rank 0's counts choose: each rank counted its own
+    slice of the data (and DDP's buffer broadcast gives rank 0's counts only up to the last forward), and replicas
+    that merged different experts would silently diverge. To merge what one process on the global batch would, sum
+    the count increments across ranks after every forward (rank1_cl does; see docs/INTEGRATING.md)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for _, layer in pool_layers(model):
+        dist.broadcast(layer.activation_counts, src=0)
+
+
 class PoolLifecycle:
     def __init__(self, model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"):
         if not any(True for _ in pool_layers(model)):
@@ -54,6 +67,7 @@ class PoolLifecycle:
         if self.current_task is None:
             raise RuntimeError("end_task() without begin_task()")
         top_m = self.top_m if top_m is None else top_m
+        _agree_across_ranks(self.model)
         for name, layer in pool_layers(self.model):
             self.counts_per_task.setdefault(name, []).append(layer.activation_counts.detach().cpu().clone())
         merged = merge_all(self.model, top_m=top_m, reset_pool=True)

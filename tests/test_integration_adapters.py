@@ -99,6 +99,37 @@ def test_ago_term_follows_the_merges_the_model_holds_not_the_lifecycle_history()
     assert fresh.finished_tasks == [] and fresh.loss_extra().item() > 0
 
 
+def _merge_worker(rank, port, path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same model on both ranks
+    model = inject(nn.Sequential(nn.Linear(8, 8)), target="0", r=6, k=2)
+    lifecycle = PoolLifecycle(model, top_m=2)
+    lifecycle.begin_task(0)
+    counts = [9, 8, 0, 0, 0, 0] if rank == 0 else [0, 0, 0, 0, 8, 9]  # each rank counted its own slice of the data
+    with torch.no_grad():
+        model[0].activation_counts.copy_(torch.tensor(counts))
+    merged = lifecycle.end_task()["0"]
+    torch.save(merged, f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_end_task_under_torch_distributed_merges_the_same_experts_on_every_rank(tmp_path):
+    """Replicas that merged different experts would drift apart silently: every rank merges rank 0's choice."""
+    import socket
+
+    import torch.multiprocessing as multiprocessing
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = str(tmp_path / "merged")
+    multiprocessing.spawn(_merge_worker, args=(port, path), nprocs=2, join=True)
+    merged = [torch.load(f"{path}.{rank}", weights_only=True) for rank in (0, 1)]
+    assert sorted(merged[0].tolist()) == sorted(merged[1].tolist()) == [0, 1]
+
+
 def test_open_clip_script_recipe_saves_and_resumes_the_continual_history(tmp_path):
     pytest.importorskip("open_clip")
     example = _load_example("open_clip_training")
@@ -161,6 +192,12 @@ class _AgoTermSpy:
 
     def __init__(self) -> None:
         self.terms: list[tuple[int, float]] = []
+        self.pool_state_at_start: list[int] = []  # optimizer entries of pool parameters when an experience starts
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        if strategy.clock.train_exp_epochs == 0:
+            pool = {id(p) for _, layer in pool_layers(strategy.model) for p in (layer.lora_A, layer.lora_B)}
+            self.pool_state_at_start.append(sum(id(p) in pool for p in strategy.optimizer.state))
 
     def before_backward(self, strategy, **kwargs) -> None:
         task_loss = strategy.criterion()
@@ -179,6 +216,10 @@ def test_avalanche_plugin_drives_the_lifecycle_over_a_stream():
     assert {exp for exp, _ in spy.terms} == {0, 1}
     assert all(term == 0.0 for exp, term in spy.terms if exp == 0)  # no AGO on the first experience
     assert any(term > 0 for exp, term in spy.terms if exp == 1)
+
+    # Each experience's fresh pool starts without the merged pool's optimizer moments (Avalanche keeps the
+    # optimizer's state across experiences).
+    assert spy.pool_state_at_start == [0, 0]
 
     restored = example.Rank1PoolPlugin()
     restored.load_state_dict(result["checkpoint"]["pool_lifecycle"])

@@ -170,6 +170,16 @@ def test_a_half_precision_model_needs_peft_to_keep_its_dtype_and_says_so(tmp_pat
     assert loaded(x).dtype == torch.bfloat16
 
 
+def test_lora_options_the_pool_cannot_honour_and_non_linear_targets_are_refused():
+    with pytest.raises(ValueError, match=r"\{'use_rslora': True\} have no meaning"):
+        rank1_pool_lora_config(target_modules=["c_fc"], r=4, k=2, use_rslora=True)
+    model = nn.Sequential()
+    model.embed = nn.Embedding(10, 16)
+    model.c_fc = nn.Linear(16, 16)
+    with pytest.raises(TypeError, match="targets nn.Linear layers only; Embedding matched"):
+        get_peft_model(model, rank1_pool_lora_config(target_modules=["embed", "c_fc"], r=4, k=2))
+
+
 # ---- save_pretrained and loading back ---------------------------------------------------------------------------
 
 POOL = dict(r=4, lora_alpha=2.0, k=2, top_m=2)  # lora_alpha != 1: the scaling, 0.5, must survive the round trip

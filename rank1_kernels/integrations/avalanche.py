@@ -9,7 +9,8 @@
     for experience in benchmark.train_stream:
         strategy.train(experience)          # fresh pools, + AGO in the loss, top_m merged after the experience
 
-Hooks: before_training_exp -> begin_task(experience id), before_backward -> strategy.loss += loss_extra(),
+Hooks: before_training_exp -> begin_task(experience id) and the pool parameters' optimizer state cleared,
+before_backward -> strategy.loss += loss_extra(),
 after_training_exp -> end_task(). Importing this module imports Avalanche; `import rank1_kernels` does not.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from avalanche.core import SupervisedPlugin
 
+from ..inject import pool_layers
 from ..lifecycle import PoolLifecycle
 
 
@@ -39,6 +41,13 @@ class Rank1PoolPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, *args, **kwargs) -> None:
         self._lifecycle_for(strategy.model).begin_task(strategy.experience.current_experience)
+        # Avalanche keeps the optimizer's state across experiences by default; a fresh pool must not inherit the
+        # merged pool's moments and step counts (Adam's bias correction would treat it as far into training).
+        optimizer = getattr(strategy, "optimizer", None)
+        if optimizer is not None:
+            for _, layer in pool_layers(strategy.model):
+                for parameter in (layer.lora_A, layer.lora_B, *layer.router.parameters()):
+                    optimizer.state.pop(parameter, None)
 
     def before_backward(self, strategy, *args, **kwargs) -> None:
         strategy.loss = strategy.loss + self._lifecycle_for(strategy.model).loss_extra()

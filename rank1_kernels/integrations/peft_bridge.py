@@ -208,13 +208,39 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
         return "rank1_pool." + super().__repr__()
 
 
+# LoraConfig options the pool has no counterpart for, with the values that mean "off".
+_UNSUPPORTED_LORA_OPTIONS = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True}
+
+
+def _refuse_non_linear(base_layer: nn.Module, adapter_name: str, **unused) -> nn.Module:
+    raise TypeError(
+        f"rank1_pool_lora_config targets nn.Linear layers only; {type(base_layer).__name__} matched target_modules "
+        f"(peft would give it its own dense LoRA, which the pool life cycle never merges): narrow target_modules"
+    )
+
+
 def _with_pool_layers(config: LoraConfig, k, top_m, routing, gate, backend, batch_first) -> LoraConfig:
-    """`config` with peft's custom module mapping: every targeted nn.Linear becomes a Rank1PoolLoraLinear."""
-    config._register_custom_module({
-        nn.Linear: functools.partial(
-            Rank1PoolLoraLinear, k=k, top_m=top_m, routing=routing, gate=gate, backend=backend, batch_first=batch_first
+    """`config` with peft's custom module mapping: every targeted nn.Linear becomes a Rank1PoolLoraLinear, and any
+    other targeted layer an error. LoraConfig options the pool cannot honour are refused, not ignored."""
+    ignored = {name: getattr(config, name) for name, off in _UNSUPPORTED_LORA_OPTIONS.items()
+               if getattr(config, name, off) != off}  # fmt: skip
+    if ignored:
+        raise ValueError(
+            f"rank1_pool_lora_config: {ignored} have no meaning for a pool of rank-1 experts (scaling is alpha / r, "
+            f"A is Kaiming-initialised and B zero, the layer is an nn.Linear); leave them at their defaults"
         )
-    })  # fmt: skip
+    mapping = {nn.Linear: functools.partial(
+        Rank1PoolLoraLinear, k=k, top_m=top_m, routing=routing, gate=gate, backend=backend, batch_first=batch_first
+    )}  # fmt: skip
+    for other in (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        mapping[other] = _refuse_non_linear
+    try:  # GPT-2 style transposed linears
+        from transformers.pytorch_utils import Conv1D
+
+        mapping[Conv1D] = _refuse_non_linear
+    except ImportError:
+        pass
+    config._register_custom_module(mapping)
     return config
 
 
