@@ -3,7 +3,9 @@
 The file holds, per pool layer: lora_A, lora_B, the router's weight and bias, activation_counts and the merge
 history (merged_A, merged_B, merged_scaling, merge_sizes), plus each layer's config as JSON metadata. The base
 weights are not stored: load into a model built from the same base weights, injected the same way, and the
-recorded merges are re-applied to its weights.
+recorded merges are re-applied to its weights. A sketch of each merged weight (W v for a fixed random v, d_out
+numbers) lets load_adapters refuse base weights that are not the saving model's, e.g. weights that hold the merges
+already (a model saved after merge_all() + unload()), before it changes anything.
 """
 
 from __future__ import annotations
@@ -26,6 +28,44 @@ _LAYER_TENSORS = (
 # Settings that may differ between the saving and the loading model; they are taken from the file, since they
 # change what the layer computes. Dropout is not: it acts only in training, and the loading model's choice stands.
 _SETTABLE = ("k", "alpha", "routing", "gate", "routing_token_index")
+
+
+SKETCH = "weight_sketch"
+
+
+def _probe(in_features: int) -> torch.Tensor:
+    """The fixed vector the weight sketches are taken against: random signs, float64, the same on every machine."""
+    signs = torch.randint(0, 2, (in_features,), generator=torch.Generator().manual_seed(2601_22828))
+    return signs.double() * 2 - 1
+
+
+def _sketch(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().double().cpu() @ _probe(weight.shape[1])
+
+
+def _check_base_weight(name: str, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise unless the layer's weight plus the file's merges is the saving model's merged weight, up to rounding:
+    a base that holds these merges already is off by the merges themselves, another base by far more."""
+    saved = tensors.get(f"{name}.{SKETCH}")
+    if saved is None:  # a file written before sketches were
+        return
+    weight = layer.weight.detach().double().cpu()
+    scaled_B = tensors[f"{name}.merged_B"].double() * tensors[f"{name}.merged_scaling"].double()
+    merges_on_probe = scaled_B @ (tensors[f"{name}.merged_A"].double() @ _probe(layer.in_features))
+    difference = float((weight @ _probe(layer.in_features) + merges_on_probe - saved.double()).norm())
+    merges_size = float(merges_on_probe.norm())
+    # Rounding (in the coarser of the two dtypes, another device's BLAS for the merges) moves each weight by about
+    # eps |w|; against random signs that sums to about eps ||W||_F.
+    eps = max(torch.finfo(layer.weight.dtype).eps, torch.finfo(tensors[f"{name}.lora_A"].dtype).eps)
+    rounding = 4 * eps * float(weight.norm())
+    if difference > rounding and difference > 0.5 * merges_size:
+        raise ValueError(
+            f"layer {name}: its base weight is not the one these adapters were saved from (with the file's "
+            f"{tensors[f'{name}.merge_sizes'].numel()} merges added it misses the saving model's weight by "
+            f"{difference:.3g}; the merges themselves measure {merges_size:.3g}). A model whose weights hold the "
+            f"merges already (saved after merge_all() + unload(), then injected again) or another checkpoint gives "
+            f"this; load into the original base weights, or pass strict=False to skip this check"
+        )
 
 
 def _layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,6 +124,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
         configs[name] = layer.config()
         for key, value in _layer_state(layer).items():
             tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
+        tensors[f"{name}.{SKETCH}"] = _sketch(layer.weight)
     if not configs:
         raise ValueError("save_adapters(): the model has no pool layers; call inject() first")
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "layers": json.dumps(configs)}
@@ -94,7 +135,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True
     """Load adapters saved by save_adapters into an injected model; returns the names of the loaded layers.
 
     The model's layers must have no merges yet (their base weights pristine): the file's merges are added to
-    them. With strict, the file and the model must hold the same pool layers."""
+    them. With strict, the file and the model must hold the same pool layers, and each base weight must be the
+    saving model's (checked against the file's weight sketches, up to rounding; another dtype or device is fine)."""
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as handle:
@@ -113,7 +155,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True
             f"adapter file and model disagree: pool layers missing from the file {missing[:5]}, in the file but not "
             f"in the model {unexpected[:5]} (of {len(missing)} and {len(unexpected)}); inject the model the same way"
         )
-    loaded = []
+    # Every check before any layer changes: a refused file leaves the model as it was.
     for name, config in configs.items():
         layer = layers.get(name)
         if layer is None:
@@ -126,6 +168,13 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True
                 f"layer {name} already has {layer.merge_sizes.numel()} merges; load adapters into a freshly injected "
                 f"model whose base weights are the original ones"
             )
+        if strict:
+            _check_base_weight(name, layer, tensors)
+    loaded = []
+    for name, config in configs.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
         for field in _SETTABLE:
             setattr(layer, field, config[field])
         state = {key: tensors[f"{name}.{key}"] for key in _LAYER_TENSORS if f"{name}.{key}" in tensors}

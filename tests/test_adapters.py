@@ -96,6 +96,32 @@ def test_loading_refuses_mismatches(tmp_path):
         load_adapters(model, not_adapters)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loading_refuses_base_weights_that_hold_the_merges_already_and_changes_nothing(tmp_path, dtype):
+    """The documented way to a plain model (merge_all + unload) saved, injected again and given the adapters would
+    hold every merge twice: refused before any layer changes. The original base loads, in another dtype too."""
+    model = inject(_base().to(dtype), r=4, k=2)
+    with torch.no_grad():  # merges of a trained pool's size (training itself runs in fp32 elsewhere)
+        for _, layer in pool_layers(model):
+            layer.lora_B.normal_(std=0.5)
+            layer.activation_counts.copy_(torch.randperm(4))
+    merge_all(model, top_m=2)
+    path = tmp_path / "a.safetensors"
+    save_adapters(model, path)
+    from rank1_kernels import unload
+
+    plain = unload(model)
+    reinjected = inject(plain, r=4, k=2)
+    before = {name: layer.weight.detach().clone() for name, layer in pool_layers(reinjected)}
+    with pytest.raises(ValueError, match=r"its base weight is not the one these adapters were saved from"):
+        load_adapters(reinjected, path)
+    assert all(torch.equal(layer.weight, before[name]) for name, layer in pool_layers(reinjected))
+    assert not any(layer.merge_sizes.numel() for _, layer in pool_layers(reinjected))
+    load_adapters(inject(_base().to(dtype), r=4, k=2), path)  # the original base weights
+    load_adapters(inject(_base().to(torch.float64), r=4, k=2), path)  # the same, in another dtype
+    load_adapters(reinjected, path, strict=False)  # the check is strict's
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "state.bin"
     path.write_bytes(b"old")
