@@ -256,6 +256,51 @@ def test_mammoth_style_model_runs_through_the_stand_in_continual_model_hooks():
     assert sorted(name for name, _ in pool_layers(only_mlp.net)) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
 
 
+class _MammothStyleViT(nn.Module):
+    """Shaped like Mammoth's backbone/vit.py (timm's layout, its own classes): blocks[i].attn.qkv / .proj,
+    blocks[i].mlp.fc1 / .fc2, a classifier head."""
+
+    def __init__(self, dim=16, classes=4):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.attn, block.mlp = nn.Module(), nn.Module()
+            block.attn.qkv, block.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            block.mlp.fc1, block.mlp.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+            self.blocks.append(block)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # (batch, tokens, 12)
+        x = self.embed(x)
+        for block in self.blocks:
+            q, k, v = block.attn.qkv(x).chunk(3, dim=-1)
+            x = x + block.attn.proj(torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v)
+            x = x + block.mlp.fc2(torch.relu(block.mlp.fc1(x)))
+        return self.head(x[:, 0])
+
+
+def test_mammoth_defaults_fit_a_timm_shaped_vit_of_another_class_and_train_its_head():
+    pytest.importorskip("timm")
+    example = _load_example("mammoth_model")
+    args = example.Rank1Pool.get_parser().parse_args(["--pool_r", "4", "--pool_k", "2"])
+    model = example.Rank1Pool(_MammothStyleViT(), nn.CrossEntropyLoss(), args, None)
+    assert sorted(name for name, _ in pool_layers(model.net)) == sorted(
+        f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    )
+    optimized = {id(p) for group in model.opt.param_groups for p in group["params"]}
+    assert {id(model.net.head.weight), id(model.net.head.bias)} <= optimized  # class-IL learns its head
+    assert id(model.net.embed.weight) not in optimized
+    pools_only = example.Rank1Pool(
+        _MammothStyleViT(), nn.CrossEntropyLoss(), example.Rank1Pool.get_parser().parse_args(
+            ["--pool_r", "4", "--pool_k", "2", "--pool_train_modules", ""]), None)  # fmt: skip
+    assert not pools_only.net.head.weight.requires_grad
+    model.meta_begin_task(None)
+    loss = model.meta_observe(torch.randn(3, 5, 12), torch.tensor([0, 1, 2]), None)
+    assert math.isfinite(loss)
+
+
 def test_import_rank1_kernels_needs_none_of_the_integrated_libraries():
     code = (
         "import sys\n"

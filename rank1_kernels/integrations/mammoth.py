@@ -22,6 +22,7 @@ them and count the tasks. This module imports nothing from Mammoth.
 
 from __future__ import annotations
 
+import fnmatch
 from argparse import ArgumentParser
 
 import torch
@@ -34,8 +35,15 @@ from ..lifecycle import PoolLifecycle
 def add_rank1_pool_args(parser: ArgumentParser) -> ArgumentParser:
     """The pool's command-line options, all prefixed --pool_ (Mammoth models extend the parser this way)."""
     parser.add_argument(
-        "--pool_target", type=str, default="auto", help="inject() target: 'auto' or comma-separated patterns"
-    )
+        "--pool_target", type=str, default="auto",
+        help="inject() target: 'auto' (the model family's defaults; for a ViT shaped like timm's, as Mammoth's own "
+             "backbone/vit.py, its attn.qkv, attn.proj, mlp.fc1, mlp.fc2) or comma-separated patterns",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pool_train_modules", type=str, default="head",
+        help="comma-separated module-name patterns whose parameters train too (default: the classifier head, which "
+             "class-IL must learn); '' for the pools alone",
+    )  # fmt: skip
     parser.add_argument("--pool_r", type=int, default=12, help="rank-1 experts per layer")
     parser.add_argument("--pool_k", type=int, default=8, help="experts chosen per sample")
     parser.add_argument("--pool_alpha", type=float, default=1.0, help="LoRA alpha (scaling alpha / r)")
@@ -49,14 +57,33 @@ def add_rank1_pool_args(parser: ArgumentParser) -> ArgumentParser:
     return parser
 
 
+# The Linear layers of a ViT built like timm's, whatever its class (Mammoth's backbone/vit.py is its own copy).
+VIT_BLOCK_TARGETS = ("*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2")
+
+
 def _inject_backbone(backbone: nn.Module, args) -> None:
     if any(True for _ in pool_layers(backbone)):
         return  # injected by the caller, with its own settings
-    target = args.pool_target if args.pool_target == "auto" else tuple(args.pool_target.split(","))
-    inject(
-        backbone, target=target, r=args.pool_r, k=args.pool_k, alpha=args.pool_alpha, routing=args.pool_routing,
-        gate=args.pool_gate, dropout=args.pool_dropout,
-    )  # fmt: skip
+    settings = dict(r=args.pool_r, k=args.pool_k, alpha=args.pool_alpha, routing=args.pool_routing,
+                    gate=args.pool_gate, dropout=args.pool_dropout)  # fmt: skip
+    if args.pool_target != "auto":
+        inject(backbone, target=tuple(args.pool_target.split(",")), **settings)
+        return
+    names = [name for name, _ in backbone.named_modules()]
+    vit_shaped = all(any(fnmatch.fnmatchcase(name, pattern) for name in names) for pattern in VIT_BLOCK_TARGETS)
+    try:
+        inject(backbone, target="auto", **settings)
+    except ValueError:
+        if not vit_shaped:
+            raise
+        inject(backbone, target=VIT_BLOCK_TARGETS, **settings)
+
+
+def _train_modules_too(backbone: nn.Module, patterns: str) -> None:
+    for pattern in filter(None, (p.strip() for p in patterns.split(","))):
+        matched = [module for name, module in backbone.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
+        for module in matched:
+            module.requires_grad_(True)
 
 
 class Rank1PoolMixin:
@@ -65,6 +92,7 @@ class Rank1PoolMixin:
     def __init__(self, backbone: nn.Module, loss: nn.Module, args, transform, *more, **kwargs) -> None:
         _inject_backbone(backbone, args)
         mark_only_pool_trainable(backbone)
+        _train_modules_too(backbone, getattr(args, "pool_train_modules", ""))
         super().__init__(backbone, loss, args, transform, *more, **kwargs)
         self.pool_lifecycle = PoolLifecycle(self.net, top_m=args.pool_top_m, ago_weight=args.pool_ago_weight)
 
