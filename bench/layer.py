@@ -221,7 +221,7 @@ class LayerBenchmark:
         base = dict(
             section="layer", group=sweep.group, model=shape.model, layer=shape.layer, n_samples=shape.n_samples,
             tokens_per_sample=shape.tokens_per_sample, rows=shape.rows, in_features=shape.in_features,
-            out_features=shape.out_features, dtype=dtype_name, n_buffers=n_buffers,
+            out_features=shape.out_features, dtype=dtype_name, n_buffers=n_buffers, group_r=r,
         )  # fmt: skip
         group_rows: list[dict] = []
         for method, rank, k, routing, backend, module_or_reason in self._methods(sweep, shape, dtype, inputs[0], r):

@@ -62,6 +62,8 @@ def _method_label(row: dict) -> str:
     label = row["method"]
     if row.get("routing") and row["method"] != "official (dense dW)":
         label += f" ({row['routing']})"
+    if row["method"] == LINEAR and row.get("group_r") is not None:
+        label += f" (r={row['group_r']} group)"  # each r's rows have their own floor, timed beside them
     return label
 
 
@@ -114,7 +116,7 @@ def summary(rows: list[dict], direction: str = "forward+backward") -> list[list[
                 if row["method"] == "official (dense dW)"}  # fmt: skip
     lines = []
     for label, timer in dict.fromkeys((_method_label(row), row["timer"]) for row in layer_rows):
-        if label == LINEAR:
+        if label.startswith(LINEAR):
             continue
         members = [row for row in layer_rows if (_method_label(row), row["timer"]) == (label, timer)]
         to_linear = [row["ratio_to_linear"] for row in members if row.get("ratio_to_linear")]
@@ -280,7 +282,7 @@ def _plot_lines(rows: Iterable[dict], x_key: str, title: str, path: str, x_label
                 [m - row["p20_ms"] for m, row in zip(medians, points)],
                 [row["p80_ms"] - m for m, row in zip(medians, points)],
             ]
-            style = {"color": "black", "linestyle": "--"} if label == LINEAR else {}
+            style = {"color": "black", "linestyle": "--"} if label.startswith(LINEAR) else {}
             axis.errorbar(xs, medians, yerr=spread, marker="o", markersize=3, capsize=2, label=label, **style)
         axis.set_xscale("log", base=2)
         ticks = sorted({row[x_key] for row in rows})
@@ -326,7 +328,10 @@ def write_plots(rows: list[dict], out_dir: str, device: str) -> list[str]:
         k = ks[0]
         floor = [row for row in members if row["method"] == LINEAR]
         selected = [row for row in members if row["r"] is not None and row["k"] in (None, k)]
-        selected += [dict(row, r=r) for row in floor for r in sorted(ranks)]
+        if all(row.get("group_r") is not None for row in floor):  # one floor per r group: one line through them
+            selected += [dict(row, r=row["group_r"], group_r=None) for row in floor]
+        else:  # rows from before the groups were split by r: one floor for every r
+            selected += [dict(row, r=r) for row in floor for r in sorted(ranks)]
         model, layer, n_rows, d_in, d_out, dtype = key
         name = f"time_vs_r_{model}_{layer}_{n_rows}x{d_in}x{d_out}_{dtype}.png".replace("/", "-")
         title = f"{model} {layer}: {n_rows} tokens, {d_in}->{d_out}, {dtype}, k={k}: time vs r ({device})"

@@ -230,9 +230,9 @@ def test_cli_writes_table_csv_json_plots_and_readme(tmp_path, capsys):
     assert main(["sweep", "--preset", "tiny", "--out", str(out), "--quiet", "--only", "main,tokens", "--append",
                  "--note", "test run"]) == 0  # fmt: skip
     table = capsys.readouterr().out
-    assert "[main]" in table and "nn.Linear  " in table and "1.00x" in table and "[ago]" in table, (
-        "the table shows the whole folder"
-    )
+    assert "[main]" in table and "1.00x" in table and "[ago]" in table, "the table shows the whole folder"
+    # Each r group is timed beside its own nn.Linear: every floor is shown, not only the last group's.
+    assert "nn.Linear (r=4 group)" in table and "nn.Linear (r=8 group)" in table
 
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
