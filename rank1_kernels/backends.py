@@ -103,8 +103,9 @@ _IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register_backend(name: str, priority: int, factory: Callable[[], Backend]) -> None:
+    instance = factory()  # first: a factory that fails registers nothing
     _REGISTRY[name] = (priority, factory)
-    _INSTANCES[name] = factory()
+    _INSTANCES[name] = instance
 
 
 def register_lazy_backend(name: str, module: str) -> None:

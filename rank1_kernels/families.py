@@ -209,9 +209,13 @@ class SplitQKVLinear(nn.Module):
         parts = [
             p.to_linear() if isinstance(p, FusedRank1PoolLinear) else p for p in (self.q_proj, self.k_proj, self.v_proj)
         ]
-        # Concatenated outside no_grad: the fused weight is trainable when any part is.
-        bias = torch.cat([part.bias for part in parts]) if parts[0].bias is not None else None
-        return linear_from(torch.cat([part.weight for part in parts]), bias)
+        bias = torch.cat([part.bias for part in parts]).detach() if parts[0].bias is not None else None
+        fused = linear_from(torch.cat([part.weight for part in parts]).detach(), bias)
+        # The fused weight is trainable when any part is (whatever the grad mode the caller runs in).
+        fused.weight.requires_grad_(any(part.weight.requires_grad for part in parts))
+        if bias is not None:
+            fused.bias.requires_grad_(any(part.bias.requires_grad for part in parts))
+        return fused
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features} (q, k, v split)"

@@ -132,3 +132,20 @@ def test_expert_indices_out_of_range_on_gpu_are_checked_when_asked():
             rank1_pool_linear(x, weight, None, A, B, idx, gates, 1.0, 2)
     finally:
         set_device_sync_checks(False)
+
+
+def test_a_backend_whose_factory_fails_registers_nothing(monkeypatch):
+    from rank1_kernels import backends
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_INSTANCES", dict(backends._INSTANCES))
+
+    def no_driver():
+        raise RuntimeError("no driver")
+
+    with pytest.raises(RuntimeError, match="no driver"):
+        backends.register_backend("broken", 1, no_driver)
+    assert "broken" not in backends.available_backends()
+    x, weight, A, B = torch.randn(2, 3), torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2)
+    idx, gates = torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1)
+    assert backends.resolve_backend("auto", "pool_linear", [x, weight, A, B, idx, gates]).name == "reference"

@@ -180,6 +180,15 @@ def test_inject_and_unload_keep_what_was_frozen_frozen_and_what_was_trainable_tr
     parameters = dict(trainable.self_attn.named_parameters())
     assert parameters["in_proj_weight"].requires_grad and parameters["out_proj.weight"].requires_grad
 
+    # A fused qkv whose k slice stayed a plain trainable Linear: trainable again as one, in any grad mode.
+    from rank1_kernels.families import SplitQKVLinear
+
+    split = SplitQKVLinear.from_linear(nn.Linear(8, 24), lambda role, linear: linear if role == "k" else
+                                       FusedRank1PoolLinear.from_linear(linear, r=4, k=2))  # fmt: skip
+    with torch.inference_mode():
+        fused = split.to_linear()
+    assert fused.weight.requires_grad and fused.bias.requires_grad
+
 
 def test_ago_penalty_is_mean_over_layers():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))

@@ -178,6 +178,10 @@ def test_lora_options_the_pool_cannot_honour_and_non_linear_targets_are_refused(
     model.c_fc = nn.Linear(16, 16)
     with pytest.raises(TypeError, match="targets nn.Linear layers only; Embedding matched"):
         get_peft_model(model, rank1_pool_lora_config(target_modules=["embed", "c_fc"], r=4, k=2))
+    attention = nn.Sequential()
+    attention.attn = nn.MultiheadAttention(16, 2)
+    with pytest.raises(TypeError, match="targets nn.Linear layers only; MultiheadAttention matched"):
+        get_peft_model(attention, rank1_pool_lora_config(target_modules=["attn"], r=4, k=2))
 
 
 # ---- save_pretrained and loading back ---------------------------------------------------------------------------

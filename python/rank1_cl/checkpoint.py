@@ -35,33 +35,34 @@ RESUMABLE_DIFFERENCES = ("run.", "data.num_workers", "data.data_root", "model.de
                          "train.compile")  # fmt: skip
 
 
-def rng_state() -> dict:
-    """Python, NumPy and torch (CPU and CUDA) generator states as tensors and plain containers."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, NumPy and torch (CPU, and the training device's CUDA generator) states as tensors and containers."""
     numpy_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *map(float, numpy_state[2:])),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # The current device's generator only: under DDP each rank draws from its own device, all of them seeded
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        # The training device's generator only: under DDP each rank draws from its own device, all of them seeded
         # alike and advanced alike (same shapes every step), so rank 0's is every rank's. Its view of the other
         # devices' generators is not: restoring those would reset them to the seed.
-        state["cuda_current_device"] = torch.cuda.get_rng_state()
+        state["cuda_current_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     random.setstate(_to_tuples(state["python"]))
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda_current_device" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_current_device"].cpu())
-    elif "cuda" in state and torch.cuda.is_available():  # checkpoints written before: every device's state
-        device = torch.cuda.current_device()
-        if device < len(state["cuda"]):
-            torch.cuda.set_rng_state(state["cuda"][device].cpu())
+    if device is None or device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if "cuda_current_device" in state:
+        torch.cuda.set_rng_state(state["cuda_current_device"].cpu(), index)
+    elif "cuda" in state and index < len(state["cuda"]):  # checkpoints written before: every device's state
+        torch.cuda.set_rng_state(state["cuda"][index].cpu(), index)
 
 
 def _to_tuples(value):

@@ -314,7 +314,7 @@ def run_continual(
                 lifecycle.load_state_dict(state["lifecycle"])
             results = state["results"]
             start_task = state["finished_tasks"]
-            checkpoints.set_rng_state(state["rng"])
+            checkpoints.set_rng_state(state["rng"], context.device)
             logger.info("resumed from %s after %d finished task(s)", directory, start_task)
     elif config.run.checkpoints and _on_main_rank(context, lambda: os.path.isdir(checkpoint_root)):
         raise FileExistsError(
@@ -355,7 +355,7 @@ def run_continual(
             )  # fmt: skip
             if config.run.checkpoints:
                 state = {
-                    "finished_tasks": task_index + 1, "rng": checkpoints.rng_state(),
+                    "finished_tasks": task_index + 1, "rng": checkpoints.rng_state(context.device),
                     "lifecycle": lifecycle.state_dict() if lifecycle is not None else None, "results": results,
                     "config": config.to_dict(), "base_fingerprint": base_fingerprint,
                 }  # fmt: skip

@@ -157,6 +157,12 @@ class Rank1PoolLoraLinear(nn.Module, BaseTunerLayer):
         pool = self._active_pool()
         if self.disable_adapters or self.merged or pool is None:
             return self.base_layer(x, *args, **kwargs)
+        if x.dtype != pool.weight.dtype:  # peft < 0.21 casts the shared weight itself in place, so _pool cannot tell
+            raise RuntimeError(
+                f"input of dtype {x.dtype} for a rank-1 pool layer whose base weight is {pool.weight.dtype}: if the "
+                f"model was half precision, peft cast its adapters (and with peft < 0.21 the shared base weight) to "
+                f"float32; build it with get_peft_model(model, config, autocast_adapter_dtype=False)"
+            )
         return pool(x)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -232,7 +238,7 @@ def _with_pool_layers(config: LoraConfig, k, top_m, routing, gate, backend, batc
     mapping = {nn.Linear: functools.partial(
         Rank1PoolLoraLinear, k=k, top_m=top_m, routing=routing, gate=gate, backend=backend, batch_first=batch_first
     )}  # fmt: skip
-    for other in (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    for other in (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention):
         mapping[other] = _refuse_non_linear
     try:  # GPT-2 style transposed linears
         from transformers.pytorch_utils import Conv1D
