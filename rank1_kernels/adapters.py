@@ -34,9 +34,13 @@ SKETCH = "weight_sketch"
 
 
 def _probe(in_features: int) -> torch.Tensor:
-    """The fixed vector the weight sketches are taken against: random signs, float64, the same on every machine."""
-    signs = torch.randint(0, 2, (in_features,), generator=torch.Generator().manual_seed(2601_22828))
-    return signs.double() * 2 - 1
+    """The fixed vector the weight sketches are taken against: pseudo-random signs in float64 from an integer hash
+    of the column index (xor-shift-multiply rounds, every product below 2^63), so that no generator's stream, which
+    may change between torch releases, decides whether a file loads."""
+    x = torch.arange(in_features, dtype=torch.int64) + 2601_22828
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) % 2**32
+    return ((x ^ (x >> 16)) & 1).double() * 2 - 1
 
 
 def _sketch(weight: torch.Tensor) -> torch.Tensor:

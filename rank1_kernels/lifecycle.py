@@ -21,25 +21,34 @@ import torch.nn as nn
 from .inject import ago_penalty, merge_all, pool_layers
 
 
-def _agree_across_ranks(model: nn.Module) -> None:
-    """Under torch.distributed, every rank merges the experts rank 0's counts choose: each rank counted its own
-    slice of the data (and DDP's buffer broadcast gives rank 0's counts only up to the last forward), and replicas
-    that merged different experts would silently diverge. To merge what one process on the global batch would, sum
-    the count increments across ranks after every forward (rank1_cl does; see docs/INTEGRATING.md)."""
+def _data_parallel() -> bool:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for _, layer in pool_layers(model):
-        dist.broadcast(layer.activation_counts, src=0)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _from_rank_0(tensors) -> None:
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
 
 
 class PoolLifecycle:
-    def __init__(self, model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"):
+    """sync_ranks: under torch.distributed (more than one process), begin_task gives every rank rank 0's fresh pools
+    and end_task merges the experts rank 0's counts choose, so that data-parallel replicas stay one model (each rank
+    draws its own pools and counts its own slice of the data). Both are then collective calls that every rank must
+    make. To merge what one process on the global batch would, also sum the count increments across ranks after
+    every forward (rank1_cl does; docs/INTEGRATING.md). sync_ranks=False for processes that train separate models."""
+
+    def __init__(self, model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto",
+                 sync_ranks: bool = True):  # fmt: skip
         if not any(True for _ in pool_layers(model)):
             raise ValueError("PoolLifecycle needs a model with pool layers; call rank1_kernels.inject(model) first")
         self.model = model
         self.top_m, self.ago_weight, self.ago_p, self.backend = top_m, ago_weight, ago_p, backend
+        self.sync_ranks = sync_ranks
         self.finished_tasks: list = []
         self.current_task = None
         self.counts_per_task: dict[str, list[torch.Tensor]] = {}
@@ -51,6 +60,9 @@ class PoolLifecycle:
             raise RuntimeError(f"begin_task({task_id!r}) while task {self.current_task!r} is running; call end_task() first")
         for _, layer in pool_layers(self.model):
             layer.reset_pool()
+        if self.sync_ranks and _data_parallel():
+            _from_rank_0(p for _, layer in pool_layers(self.model)
+                         for p in (layer.lora_A, layer.lora_B, *layer.router.parameters()))  # fmt: skip
         self.current_task = task_id
 
     def loss_extra(self) -> torch.Tensor:
@@ -67,7 +79,8 @@ class PoolLifecycle:
         if self.current_task is None:
             raise RuntimeError("end_task() without begin_task()")
         top_m = self.top_m if top_m is None else top_m
-        _agree_across_ranks(self.model)
+        if self.sync_ranks and _data_parallel():
+            _from_rank_0(layer.activation_counts for _, layer in pool_layers(self.model))
         for name, layer in pool_layers(self.model):
             self.counts_per_task.setdefault(name, []).append(layer.activation_counts.detach().cpu().clone())
         merged = merge_all(self.model, top_m=top_m, reset_pool=True)

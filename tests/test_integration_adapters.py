@@ -106,7 +106,9 @@ def _merge_worker(rank, port, path):
     torch.manual_seed(0)  # the same model on both ranks
     model = inject(nn.Sequential(nn.Linear(8, 8)), target="0", r=6, k=2)
     lifecycle = PoolLifecycle(model, top_m=2)
+    torch.manual_seed(rank)  # each rank's generator draws other fresh pools
     lifecycle.begin_task(0)
+    torch.save(model[0].lora_A.detach().clone(), f"{path}.A{rank}")
     counts = [9, 8, 0, 0, 0, 0] if rank == 0 else [0, 0, 0, 0, 8, 9]  # each rank counted its own slice of the data
     with torch.no_grad():
         model[0].activation_counts.copy_(torch.tensor(counts))
@@ -116,7 +118,8 @@ def _merge_worker(rank, port, path):
 
 
 def test_end_task_under_torch_distributed_merges_the_same_experts_on_every_rank(tmp_path):
-    """Replicas that merged different experts would drift apart silently: every rank merges rank 0's choice."""
+    """Replicas that started from different fresh pools, or merged different experts, would drift apart silently:
+    every rank gets rank 0's fresh pools and merges rank 0's choice."""
     import socket
 
     import torch.multiprocessing as multiprocessing
@@ -128,6 +131,8 @@ def test_end_task_under_torch_distributed_merges_the_same_experts_on_every_rank(
     multiprocessing.spawn(_merge_worker, args=(port, path), nprocs=2, join=True)
     merged = [torch.load(f"{path}.{rank}", weights_only=True) for rank in (0, 1)]
     assert sorted(merged[0].tolist()) == sorted(merged[1].tolist()) == [0, 1]
+    fresh = [torch.load(f"{path}.A{rank}", weights_only=True) for rank in (0, 1)]
+    assert torch.equal(fresh[0], fresh[1])  # one fresh pool: rank 0's
 
 
 def test_open_clip_script_recipe_saves_and_resumes_the_continual_history(tmp_path):

@@ -92,16 +92,6 @@ def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
     return value * factor + (value * (1.0 - factor)).detach()
 
 
-def broadcast_pool_parameters(model: nn.Module, context: DistContext) -> None:
-    """Every pool layer's A, B and router from rank 0 to the others (a fresh pool on every rank must be one pool)."""
-    if not context.distributed:
-        return
-    with torch.no_grad():
-        for _, layer in pool_layers(model):
-            for tensor in (layer.lora_A, layer.lora_B, *layer.router.parameters()):
-                dist.broadcast(tensor, src=0)
-
-
 def activation_counts_snapshot(model: nn.Module) -> list:
     """Every pool layer's activation_counts, copied: call before a forward, pass to synchronize_activation_counts."""
     return [layer.activation_counts.clone() for _, layer in pool_layers(model)]

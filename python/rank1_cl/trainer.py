@@ -38,7 +38,6 @@ from .distributed import (
     activation_counts_snapshot,
     all_reduce_sum,
     barrier,
-    broadcast_pool_parameters,
     gather_with_local_grad,
     init_distributed,
     scale_gradient,
@@ -330,10 +329,7 @@ def run_continual(
         if context.is_main:
             logger.info("task %d/%d: %s (%d classes)", task_index + 1, len(tasks), task.name, len(task.class_names))
         if lifecycle is not None:
-            lifecycle.begin_task(task_index)
-            # Every rank drew the fresh pools from its own generator; DDP synchronises parameters only when it wraps
-            # the model, so make sure every replica starts the task from rank 0's draw.
-            broadcast_pool_parameters(model, context)
+            lifecycle.begin_task(task_index)  # under DDP: every rank gets rank 0's fresh pools (PoolLifecycle)
         outcome = train_task(model, train_model, task, task_index, config, context, lifecycle, tokenizer, progress)
         directory = checkpoints.task_directory(run_dir, task_index, task.name)
         if lifecycle is not None:
