@@ -360,6 +360,21 @@ def _tokens_groups(tmp_path):
     return document, sorted({row["group_key"] for row in document["results"] if row["group"] == "tokens"})
 
 
+def _record_measured_groups(monkeypatch) -> list:
+    """The rows count of every layer group the sweep measures from now on, in order."""
+    import bench.layer as layer_module
+
+    measured = []
+    run_group = layer_module.LayerBenchmark._run_group
+
+    def recording(self, sweep, shape, dtype_name, r):
+        measured.append(shape.rows)
+        yield from run_group(self, sweep, shape, dtype_name, r)
+
+    monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", recording)
+    return measured
+
+
 def test_cli_writes_each_finished_group_at_once_and_keeps_them_when_a_part_fails(tmp_path, monkeypatch, capsys):
     """A part killed at its timeout, or failing in its second group (a sticky CUDA error), keeps its first group:
     results.json holds it, and the part is marked incomplete, before the second group starts."""
@@ -389,22 +404,13 @@ def test_cli_writes_each_finished_group_at_once_and_keeps_them_when_a_part_fails
 def test_cli_resume_measures_only_the_missing_groups(tmp_path, monkeypatch):
     """--resume keeps the groups a results folder holds and measures the others, so a sweep split over several
     time-limited calls moves forward."""
-    import bench.layer as layer_module
-
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens"]) == 0
     document, all_groups = _tokens_groups(tmp_path)
     assert len(all_groups) == 2
     document["results"] = [row for row in document["results"] if row.get("group_key") != all_groups[1]]
     with open(tmp_path / "results.json", "w") as handle:
         json.dump(document, handle)
-    measured = []
-    run_group = layer_module.LayerBenchmark._run_group
-
-    def recording(self, sweep, shape, dtype_name, r):
-        measured.append(shape.rows)
-        yield from run_group(self, sweep, shape, dtype_name, r)
-
-    monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", recording)
+    measured = _record_measured_groups(monkeypatch)
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens", "--resume"]) == 0
     assert len(measured) == 1
     resumed, groups = _tokens_groups(tmp_path)
@@ -415,8 +421,6 @@ def test_cli_resume_measures_only_the_missing_groups(tmp_path, monkeypatch):
 def test_cli_resume_measures_again_what_another_commit_measured_and_reports_mixed_sources(tmp_path, monkeypatch):
     """Rows of another commit (or device, torch, triton) are not this code's numbers: --resume measures their groups
     again, and until then keeps them, with every report saying which rows came from where."""
-    import bench.layer as layer_module
-
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens,main"]) == 0
     document, all_groups = _tokens_groups(tmp_path)
     for row in document["results"]:
@@ -429,14 +433,7 @@ def test_cli_resume_measures_again_what_another_commit_measured_and_reports_mixe
     assert "MIXED: the rows come from 2 runs" in table and "commit 0ld0ld0" in table
     assert "MIXED: the rows come from 2 runs" in readme and "commit 0ld0ld0" in readme
 
-    measured = []
-    run_group = layer_module.LayerBenchmark._run_group
-
-    def recording(self, sweep, shape, dtype_name, r):
-        measured.append(shape.rows)
-        yield from run_group(self, sweep, shape, dtype_name, r)
-
-    monkeypatch.setattr(layer_module.LayerBenchmark, "_run_group", recording)
+    measured = _record_measured_groups(monkeypatch)
     assert main(["sweep", "--preset", "tiny", "--out", str(tmp_path), "--quiet", "--only", "tokens", "--resume"]) == 0
     resumed, groups = _tokens_groups(tmp_path)
     assert len(measured) == 1 and groups == all_groups

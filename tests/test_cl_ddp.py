@@ -33,15 +33,20 @@ def _config(run_dir, precision):
     return apply_overrides(config, {**SETTINGS, "model.precision": precision, "run.run_dir": str(run_dir)}).validate()
 
 
-@pytest.mark.slow
-def test_ddp_gloo_two_processes_match_one_process(tmp_path):
+def _torchrun_train(run_dir, settings):
+    """`rank1_cl train` on 2 gloo processes under torchrun, into run_dir."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rank1_cl", "train",
-        "--run-dir", str(tmp_path / "ddp"), "--no-progress", *[f"--set={key}={value}" for key, value in SETTINGS.items()],
+        "--run-dir", str(run_dir), "--no-progress", *[f"--set={key}={value}" for key, value in settings.items()],
     ]  # fmt: skip
     environment = dict(os.environ, OMP_NUM_THREADS="1")
-    finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, cwd=run_dir.parent, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, f"torchrun failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes_match_one_process(tmp_path):
+    _torchrun_train(tmp_path / "ddp", SETTINGS)
     ddp_state = torch.load(tmp_path / "ddp/checkpoints/task_01_colors/state.pt", weights_only=True)
     assert ddp_state["results"]["world_size"] == 2
 
@@ -74,13 +79,7 @@ def test_ddp_dense_lora_with_a_learned_gate_setting_trains_without_its_routers(t
     still be told that the routers get no gradient, and they are neither trained nor counted."""
     settings = {**SETTINGS, "data.tasks": "shapes", "train.iterations": "2", "train.method": "lora",
                 "pool.gate": "softmax"}  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rank1_cl", "train",
-        "--run-dir", str(tmp_path / "ddp"), "--no-progress", *[f"--set={key}={value}" for key, value in settings.items()],
-    ]  # fmt: skip
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, f"torchrun failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+    _torchrun_train(tmp_path / "ddp", settings)
     results = torch.load(tmp_path / "ddp/checkpoints/task_00_shapes/state.pt", weights_only=True)["results"]
     model, *_ = create_clip(_config(tmp_path / "count", "fp32").model, seed=5)
     config = apply_overrides(CLConfig(), settings)
