@@ -53,10 +53,10 @@ def _check_base_weight(name: str, layer: nn.Module, tensors: dict[str, torch.Ten
     saved = tensors.get(f"{name}.{SKETCH}")
     if saved is None:  # a file written before sketches were
         return
-    weight = layer.weight.detach().double().cpu()
+    weight, probe = layer.weight.detach().double().cpu(), _probe(layer.in_features)
     scaled_B = tensors[f"{name}.merged_B"].double() * tensors[f"{name}.merged_scaling"].double()
-    merges_on_probe = scaled_B @ (tensors[f"{name}.merged_A"].double() @ _probe(layer.in_features))
-    difference = float((weight @ _probe(layer.in_features) + merges_on_probe - saved.double()).norm())
+    merges_on_probe = scaled_B @ (tensors[f"{name}.merged_A"].double() @ probe)
+    difference = float((weight @ probe + merges_on_probe - saved.double()).norm())
     merges_size = float(merges_on_probe.norm())
     # Rounding (in the coarser of the two dtypes, another device's BLAS for the merges) moves each weight by about
     # eps |w|; against random signs that sums to about eps ||W||_F.

@@ -226,7 +226,7 @@ def mark_only_pool_trainable(model: nn.Module) -> int:
     model.requires_grad_(False)
     count = 0
     for _, layer in pool_layers(model):
-        for parameter in (layer.lora_A, layer.lora_B, *layer.router.parameters()):
+        for parameter in layer.pool_parameters():
             parameter.requires_grad_(True)
             count += parameter.numel()
     return count

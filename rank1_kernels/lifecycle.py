@@ -61,8 +61,7 @@ class PoolLifecycle:
         for _, layer in pool_layers(self.model):
             layer.reset_pool()
         if self.sync_ranks and _data_parallel():
-            _from_rank_0(p for _, layer in pool_layers(self.model)
-                         for p in (layer.lora_A, layer.lora_B, *layer.router.parameters()))  # fmt: skip
+            _from_rank_0(p for _, layer in pool_layers(self.model) for p in layer.pool_parameters())
         self.current_task = task_id
 
     def loss_extra(self) -> torch.Tensor:

@@ -145,6 +145,10 @@ class FusedRank1PoolLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_pool()
 
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """A, B and the router's parameters: what trains, and what reset_pool draws afresh."""
+        return [self.lora_A, self.lora_B, *self.router.parameters()]
+
     def reset_pool(self) -> None:
         """A fresh pool (as at the start of a task): A kaiming-uniform, B zero, a new router, zero counts."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

@@ -46,7 +46,7 @@ class Rank1PoolPlugin(SupervisedPlugin):
         optimizer = getattr(strategy, "optimizer", None)
         if optimizer is not None:
             for _, layer in pool_layers(strategy.model):
-                for parameter in (layer.lora_A, layer.lora_B, *layer.router.parameters()):
+                for parameter in layer.pool_parameters():
                     optimizer.state.pop(parameter, None)
 
     def before_backward(self, strategy, *args, **kwargs) -> None:

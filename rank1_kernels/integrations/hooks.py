@@ -8,8 +8,9 @@
 
 Each model gets one PoolLifecycle (see rank1_kernels.lifecycle), created by begin_task (or lifecycle_of,
 load_state_dict) with the given settings; lifecycle_of(model) returns it. A wrapper (DataParallel,
-DistributedDataParallel, torch.compile) counts as the model it wraps, so a trainer may pass either. The pool tensors and merge history travel in model.state_dict(); the
-lifecycle's state_dict() holds the rest of the continual history (tasks run, counts and merged experts per task).
+DistributedDataParallel, torch.compile) counts as the model it wraps, so a trainer may pass either. The pool
+tensors and merge history travel in model.state_dict(); the lifecycle's state_dict() holds the rest of the
+continual history (tasks run, counts and merged experts per task).
 """
 
 from __future__ import annotations
