@@ -131,9 +131,12 @@ std::tuple<at::Tensor, at::Tensor> pool_linear_fwd(const at::Tensor& x_in, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_linear_bwd(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& idx_in, const at::Tensor& gates_in, const at::Tensor& u_in,
-    double scaling, int64_t tokens_per_sample, const std::optional<at::Tensor>& lora_input) {
+    double scaling, int64_t tokens_per_sample, const std::optional<at::Tensor>& lora_input, bool need_x,
+    bool need_lora_input, bool need_A, bool need_B, bool need_gates) {
   check_pool_inputs(x_in, weight, A_in, B_in, idx_in, gates_in, lora_input, tokens_per_sample);
   check_same(grad_y_in, x_in, "grad_y");
+  TORCH_CHECK(!need_lora_input || lora_input.has_value(),
+              "rank1 CUDA kernels: need_lora_input without a lora_input (there is no such gradient)");
   TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == x_in.size(0) && grad_y_in.size(1) == weight.size(0),
               "rank1 CUDA kernels: grad_y must be (rows, d_out) = (", x_in.size(0), ", ", weight.size(0), "), got ",
               grad_y_in.sizes());
@@ -150,29 +153,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_line
   const float scale = static_cast<float>(scaling);
   const auto dtype = dtype_of(x);
 
+  // Only the gradients autograd asked for are computed; the others come back as empty tensors. The first pool
+  // layer of a frozen model needs no dx, and fixed or detached gates need no dgates.
+  // A fresh empty tensor each time: outputs of an op must not alias one another.
+  const auto nothing = [&x] { return at::empty({0}, x.options()); };
+  const bool rank_grad_in_dx = need_x && !lora_input.has_value();
+  const bool need_v = rank_grad_in_dx || need_lora_input || need_A || need_gates;
   // v[row, slot] = dy[row] . B[:, expert]: B^T (r, d_out) read through B's strides.
-  auto v = shrink(dy, B, 1, r, idx, tokens_per_sample, stream);
-  auto dx = at::matmul(dy, weight).contiguous();  // cuBLAS: the frozen base's input gradient
-  at::Tensor d_lora_input = lora_input.has_value() ? at::zeros_like(source) : at::empty({0}, x.options());
-  at::Tensor& lora_target = lora_input.has_value() ? d_lora_input : dx;
-  // d(lora input)[row, d] += sum_slot v * g * s * A[expert, d]: the expand with A^T.
-  launch_expand_add(dtype, lora_target.data_ptr(), v.data_ptr<float>(), gates.data_ptr(), scale, A.data_ptr(), d_in, 1,
-                    idx.data_ptr<int64_t>(), n_rows, d_in, k, tokens_per_sample, stream);
+  const auto v = need_v ? shrink(dy, B, 1, r, idx, tokens_per_sample, stream) : at::Tensor();
+  auto dx = need_x ? at::matmul(dy, weight).contiguous() : nothing();  // cuBLAS: the frozen base's input gradient
+  auto d_lora_input = need_lora_input ? at::zeros_like(source) : nothing();
+  if (rank_grad_in_dx || need_lora_input) {
+    at::Tensor& lora_target = need_lora_input ? d_lora_input : dx;
+    // d(lora input)[row, d] += sum_slot v * g * s * A[expert, d]: the expand with A^T.
+    launch_expand_add(dtype, lora_target.data_ptr(), v.data_ptr<float>(), gates.data_ptr(), scale, A.data_ptr(),
+                      d_in, 1, idx.data_ptr<int64_t>(), n_rows, d_in, k, tokens_per_sample, stream);
+  }
 
-  auto dgates = at::empty_like(gates);
-  launch_gate_grad(dtype, u.data_ptr<float>(), v.data_ptr<float>(), scale, dgates.data_ptr(), idx.size(0), k,
-                   tokens_per_sample, stream);
+  auto dgates = need_gates ? at::empty_like(gates) : nothing();
+  if (need_gates) {
+    launch_gate_grad(dtype, u.data_ptr<float>(), v.data_ptr<float>(), scale, dgates.data_ptr(), idx.size(0), k,
+                     tokens_per_sample, stream);
+  }
 
-  const int64_t workspace = expert_grad_workspace(idx.size(0), k, tokens_per_sample, std::max(d_in, d_out));
-  auto partial = at::empty({workspace}, x.options().dtype(at::kFloat));
-  auto dA = at::empty_like(A);
-  launch_expert_grad(dtype, v.data_ptr<float>(), gates.data_ptr(), scale, source.data_ptr(), d_in,
-                     idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dA.data_ptr(), d_in, 1, r, n_rows, d_in, k,
-                     tokens_per_sample, stream);
-  auto dB = at::empty_like(B);
-  launch_expert_grad(dtype, u.data_ptr<float>(), gates.data_ptr(), scale, dy.data_ptr(), d_out,
-                     idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dB.data_ptr(), 1, r, r, n_rows, d_out, k,
-                     tokens_per_sample, stream);
+  at::Tensor partial;
+  if (need_A || need_B) {
+    const int64_t workspace = expert_grad_workspace(idx.size(0), k, tokens_per_sample, std::max(d_in, d_out));
+    partial = at::empty({workspace}, x.options().dtype(at::kFloat));
+  }
+  auto dA = need_A ? at::empty_like(A) : nothing();
+  if (need_A) {
+    launch_expert_grad(dtype, v.data_ptr<float>(), gates.data_ptr(), scale, source.data_ptr(), d_in,
+                       idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dA.data_ptr(), d_in, 1, r, n_rows, d_in, k,
+                       tokens_per_sample, stream);
+  }
+  auto dB = need_B ? at::empty_like(B) : nothing();
+  if (need_B) {
+    launch_expert_grad(dtype, u.data_ptr<float>(), gates.data_ptr(), scale, dy.data_ptr(), d_out,
+                       idx.data_ptr<int64_t>(), partial.data_ptr<float>(), dB.data_ptr(), 1, r, r, n_rows, d_out, k,
+                       tokens_per_sample, stream);
+  }
   return {dx, d_lora_input, dA, dB, dgates};
 }
 
@@ -331,7 +351,8 @@ TORCH_LIBRARY_FRAGMENT(rank1, m) {
       "float scaling, int tokens_per_sample, Tensor? lora_input) -> (Tensor, Tensor)");
   m.def(
       "cuda_pool_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor idx, Tensor gates, "
-      "Tensor u, float scaling, int tokens_per_sample, Tensor? lora_input) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor u, float scaling, int tokens_per_sample, Tensor? lora_input, bool need_x, bool need_lora_input, "
+      "bool need_A, bool need_B, bool need_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_ago_fwd(Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, Tensor[] prev_masks, int p) -> (Tensor, Tensor)");
   m.def(
       "cuda_ago_bwd(Tensor grad, Tensor gram, Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, "

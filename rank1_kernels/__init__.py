@@ -10,6 +10,7 @@ Layers, from the bottom:
 """
 
 from ._checks import set_device_sync_checks
+from ._compile_cache import tag_compile_caches
 from .adapters import load_adapters, save_adapters
 from .ago import ago_loss, ago_loss_grouped, ago_loss_grouped_ref, ago_loss_ref
 from .attention import PoolMultiheadAttention
@@ -32,6 +33,9 @@ from .pool_linear import rank1_pool_linear, rank1_pool_linear_ref
 from .routing import route, top_experts
 
 __version__ = "0.1.0"
+
+# torch.compile's caches do not key custom ops by their autograd code: see _compile_cache.
+tag_compile_caches()
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -31,7 +31,8 @@ SCHEMAS = {
     ),
     "cuda_pool_linear_bwd": (
         "cuda_pool_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor idx, Tensor gates, "
-        "Tensor u, float scaling, int tokens_per_sample, Tensor? lora_input) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "Tensor u, float scaling, int tokens_per_sample, Tensor? lora_input, bool need_x, bool need_lora_input, "
+        "bool need_A, bool need_B, bool need_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "cuda_ago_fwd": (
         "cuda_ago_fwd(Tensor[] B_curs, Tensor[] B_prevs, Tensor[] cur_masks, Tensor[] prev_masks, int p) "
@@ -71,10 +72,14 @@ def _fake_pool_linear_fwd(x, weight, bias, A, B, idx, gates, scaling, tokens_per
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], idx.shape[1], dtype=torch.float32)
 
 
-def _fake_pool_linear_bwd(grad_y, x, weight, A, B, idx, gates, u, scaling, tokens_per_sample, lora_input):
-    # The bindings make every input contiguous, so every gradient is row-major whatever its input's layout.
-    d_lora_input = lora_input.new_empty(lora_input.shape) if lora_input is not None else x.new_empty(0)
-    return x.new_empty(x.shape), d_lora_input, A.new_empty(A.shape), B.new_empty(B.shape), gates.new_empty(gates.shape)
+def _fake_pool_linear_bwd(grad_y, x, weight, A, B, idx, gates, u, scaling, tokens_per_sample, lora_input, need_x,
+                          need_lora_input, need_A, need_B, need_gates):  # fmt: skip
+    # The bindings make every input contiguous, so every gradient is row-major whatever its input's layout; a
+    # gradient nobody asked for is an empty tensor.
+    def maybe(need, like):
+        return like.new_empty(like.shape) if need else x.new_empty(0)
+
+    return maybe(need_x, x), maybe(need_lora_input, x), maybe(need_A, A), maybe(need_B, B), maybe(need_gates, gates)
 
 
 def _fake_ago_fwd(B_curs, B_prevs, cur_masks, prev_masks, p):
@@ -103,17 +108,18 @@ def _pool_backward(ctx, grad_y, grad_u):
     needs = ctx.needs_input_grad
     if needs[1] or needs[2]:
         raise RuntimeError(frozen_base_message("CUDA"))
+    need_x, need_A, need_B, need_gates = needs[0], needs[3], needs[4], needs[6]
+    need_lora_input = lora_input is not None and needs[9]
     dx, d_lora_input, dA, dB, dgates = torch.ops.rank1.cuda_pool_linear_bwd(
-        grad_y, x, weight, A, B, idx, gates, u, ctx.scaling, ctx.tokens_per_sample, lora_input
-    )
-
-    def wanted(grad, index):
-        return grad if needs[index] else None
-
-    return (
-        wanted(dx, 0), None, None, wanted(dA, 3), wanted(dB, 4), None, wanted(dgates, 6), None, None,
-        wanted(d_lora_input, 9) if lora_input is not None else None,
+        grad_y, x, weight, A, B, idx, gates, u, ctx.scaling, ctx.tokens_per_sample, lora_input,
+        need_x, need_lora_input, need_A, need_B, need_gates,
     )  # fmt: skip
+
+    def wanted(grad, need):
+        return grad if need else None
+
+    return (wanted(dx, need_x), None, None, wanted(dA, need_A), wanted(dB, need_B), None, wanted(dgates, need_gates),
+            None, None, wanted(d_lora_input, need_lora_input))  # fmt: skip
 
 
 def _ago_setup_context(ctx, inputs, output):

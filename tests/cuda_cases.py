@@ -74,6 +74,33 @@ def check_pool_linear(device, dtype, shape, with_lora_input):
     assert not got[2][unchosen].any() and not got[3][:, unchosen].any(), "gradient reached an unchosen expert"
 
 
+def check_partial_gradients(device):
+    """Autograd asks the backward op for the gradients it needs only (a frozen model's first pool layer needs no dx,
+    fixed gates no dgates): each subset gives the same bits as the full backward and the op leaves the rest empty."""
+    x, weight, bias, A, B, idx, gates = pool_case(device, 3, 5, 17, 21, 7, 3, torch.float32)
+    for lora_input in (None, torch.randn_like(x)):
+        leaves = {"x": x, "A": A, "B": B, "gates": gates, **({"lora_input": lora_input} if lora_input is not None else {})}
+        dy = torch.randn(x.shape[0], weight.shape[0], device=device)
+
+        def grads(wanted):
+            inputs = {name: t.detach().clone().requires_grad_(name in wanted) for name, t in leaves.items()}
+            y = rank1_kernels.rank1_pool_linear(inputs["x"], weight, bias, inputs["A"], inputs["B"], idx,
+                                                inputs["gates"], 0.5, 5, inputs.get("lora_input"), backend="cuda")  # fmt: skip
+            got = torch.autograd.grad(y, [inputs[name] for name in wanted], dy)
+            return dict(zip(wanted, got))
+
+        full = grads(list(leaves))
+        for wanted in (["x"], ["A"], ["B"], ["gates"], ["A", "B"], ["x", "gates"]) + ((["lora_input"],) if lora_input is not None else ()):  # fmt: skip
+            for name, grad in grads(wanted).items():
+                assert torch.equal(grad, full[name]), f"d{name} alone differs from the full backward ({wanted})"
+    with torch.no_grad():
+        y, u = torch.ops.rank1.cuda_pool_linear_fwd(x, weight, bias, A, B, idx, gates, 0.5, 5, None)
+        outputs = torch.ops.rank1.cuda_pool_linear_bwd(
+            torch.randn_like(y), x, weight, A, B, idx, gates, u, 0.5, 5, None, False, False, True, False, False
+        )
+    assert [t.numel() for t in outputs] == [0, 0, A.numel(), 0, 0], "gradients nobody asked for were computed"
+
+
 def check_ago(device, dtype, p, layers):
     """The grouped AGO losses and their gradients w.r.t. every B_cur against the reference."""
     g = torch.Generator(device=device).manual_seed(1)
@@ -131,8 +158,10 @@ def check_opcheck(device):
         with torch.no_grad():
             y, u = torch.ops.rank1.cuda_pool_linear_fwd(*args)
             lora = None if lora_input is None else lora_input.detach()
-            backward_args = (torch.randn_like(y), x, weight, A, B, idx, gates, u, 0.5, 9, lora)
-        torch.library.opcheck(torch.ops.rank1.cuda_pool_linear_bwd, backward_args)
+            needs = [(True, lora is not None, True, True, True), (False, False, True, True, False)]
+        for need in needs:
+            backward_args = (torch.randn_like(y), x, weight, A, B, idx, gates, u, 0.5, 9, lora, *need)
+            torch.library.opcheck(torch.ops.rank1.cuda_pool_linear_bwd, backward_args)
     curs = [torch.randn(6, 4, device=device).requires_grad_(), torch.randn(3, 5, device=device).requires_grad_()]
     prevs = [torch.randn(6, 3, device=device), torch.randn(3, 2, device=device)]
     masks = [

@@ -160,6 +160,11 @@ def test_opcheck_on_gpu(cuda_ops):
 
 
 @pytest.mark.gpu
+def test_only_the_wanted_gradients_are_computed_on_gpu(cuda_ops):
+    cuda_cases.check_partial_gradients("cuda")
+
+
+@pytest.mark.gpu
 def test_compiled_layer_on_gpu(cuda_ops):
     cuda_cases.check_compiled_layer("cuda")
 

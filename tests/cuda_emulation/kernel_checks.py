@@ -64,6 +64,10 @@ def test_opcheck():
     cuda_cases.check_opcheck("cpu")
 
 
+def test_only_the_wanted_gradients_are_computed():
+    cuda_cases.check_partial_gradients("cpu")
+
+
 def test_compiled_layer():
     cuda_cases.check_compiled_layer("cpu")
 
@@ -101,11 +105,14 @@ def test_the_registered_ops_check_every_argument():
         print("refused:", case)
     y, u = torch.ops.rank1.cuda_pool_linear_fwd(**good)
     backward = dict(grad_y=torch.randn_like(y), x=x, weight=weight, A=A, B=B, idx=idx, gates=gates, u=u, scaling=0.5,
-                    tokens_per_sample=3, lora_input=None)  # fmt: skip
+                    tokens_per_sample=3, lora_input=None, need_x=True, need_lora_input=False, need_A=True, need_B=True,
+                    need_gates=True)  # fmt: skip
     with pytest.raises(RuntimeError, match="u must be the forward's float32"):
         torch.ops.rank1.cuda_pool_linear_bwd(**{**backward, "u": u[:, :1]})
     with pytest.raises(RuntimeError, match="grad_y must be"):
         torch.ops.rank1.cuda_pool_linear_bwd(**{**backward, "grad_y": y[:, :2]})
+    with pytest.raises(RuntimeError, match="need_lora_input without a lora_input"):
+        torch.ops.rank1.cuda_pool_linear_bwd(**{**backward, "need_lora_input": True})
     curs, prevs = [torch.randn(4, 3)], [torch.randn(4, 2)]
     masks, prev_masks = [torch.ones(3, dtype=torch.bool)], [torch.ones(2, dtype=torch.bool)]
     losses, gram = torch.ops.rank1.cuda_ago_fwd(curs, prevs, masks, prev_masks, 1)
