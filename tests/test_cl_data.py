@@ -11,6 +11,7 @@ from rank1_cl.data import (
     MTIL_ORDER_II,
     SYNTHETIC_DOMAINS,
     few_shot_indices,
+    mtil_class_names,
     mtil_tasks,
     synthetic_tasks,
     xtail_order,
@@ -132,3 +133,46 @@ def test_mtil_loader_reads_a_torchvision_layout(tmp_path):
                 "run.run_dir": str(tmp_path / "run")}  # fmt: skip
     output = run_continual(apply_overrides(config, settings).validate(), progress=False)
     assert len(output.results["matrices"]["mtil"]) == 1 and output.results["tasks"] == ["MNIST"]
+
+
+def _write_fake_sun397(root):
+    """SUN397 in torchvision's layout: ClassName.txt and sun_*.jpg files (never opened) under <root>/SUN397."""
+    data = root / "SUN397"
+    classes = ["/a/abbey", "/a/apartment_building/outdoor", "/b/bathroom"]
+    (data).mkdir(parents=True)
+    (data / "ClassName.txt").write_text("".join(f"{name}\n" for name in classes))
+    for index, name in enumerate(classes):
+        folder = data / name.strip("/")
+        folder.mkdir(parents=True)
+        for image in range(5 + index):
+            (folder / f"sun_{name[3:6]}{image:03d}.jpg").write_bytes(b"")
+
+
+def test_sun397_split_does_not_follow_the_filesystem_order(tmp_path, monkeypatch):
+    """torchvision lists SUN397's images in the order the filesystem walks them; the seeded split must pick the
+    same test images whatever that order (another machine, a resume elsewhere)."""
+    from pathlib import Path
+
+    _write_fake_sun397(tmp_path)
+    build = MTIL_DATASETS["SUN397"].build
+
+    def chosen(train):
+        subset = build(str(tmp_path), train, None)
+        return sorted(str(subset.dataset._image_files[index]) for index in subset.indices)
+
+    walked = {split: chosen(split) for split in (True, False)}
+    real_rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(real_rglob(self, pattern))))
+    assert {split: chosen(split) for split in (True, False)} == walked
+    assert not set(walked[True]) & set(walked[False]) and len(walked[True]) + len(walked[False]) == 18
+    assert mtil_class_names("SUN397", build(str(tmp_path), False, None)) == [
+        "abbey", "apartment building outdoor", "bathroom"]  # fmt: skip
+
+
+def test_class_names_keep_their_slashes():
+    """CLIP names Aircraft's "F/A-18" and Cars' "Ram C/V Cargo Van Minivan 2012" with the slash."""
+
+    class Names:
+        classes = ["F/A-18", "Boeing_737-200", "Ram C/V Cargo Van Minivan 2012"]
+
+    assert mtil_class_names("Aircraft", Names) == ["F/A-18", "Boeing 737-200", "Ram C/V Cargo Van Minivan 2012"]

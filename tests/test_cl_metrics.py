@@ -140,6 +140,7 @@ def test_config_file_and_overrides(tmp_path):
         ({"model.precision": "fp16"}, "AdamW's eps \\(1e-8\\) rounds to 0"),
         ({"data.tasks": ["shapes", "digits", "shapes"]}, "data.tasks names \\['shapes'\\] more than once"),
         ({"data.benchmark": "xtail"}, "'xtail' needs data.data_root"),
+        ({"eval.xtail_template": "a photo."}, "must hold one '\\{\\}' for the class name"),
         ({"data.benchmark": "xtail", "data.data_root": "/d", "data.tasks": ["DTD", "CIFAR100"]},
          "CIFAR100, which X-TAIL's 10 domains leave out"),
     ],

@@ -35,6 +35,56 @@ def pool_state(model):
     }
 
 
+def test_xtail_classifies_over_every_name_through_one_template(tmp_path):
+    """X-TAIL's classifier: each distinct class name once, through eval.xtail_template (the per-task ensembles
+    name their domain); MTIL's: each task's own template ensemble."""
+    from rank1_cl.data import synthetic_tasks
+    from rank1_cl.distributed import DistContext
+    from rank1_cl.model import create_clip
+    from rank1_cl.trainer import evaluate
+
+    config = tiny_config(tmp_path, **{"eval.xtail_template": "an image of {}, seen anywhere."})
+    model, _, preprocess, tokenizer = create_clip(config.model)
+    tasks = synthetic_tasks(["shapes", "colors"], image_size=32, train_per_class=1, test_per_class=2, seed=0)
+    tasks[1].class_names[0] = tasks[0].class_names[0]  # a name two domains share is one class of the union
+    prompts = []
+
+    def recording_tokenizer(texts):
+        prompts.extend(texts)
+        return tokenizer(texts)
+
+    rows = evaluate(model, tasks, recording_tokenizer, config, DistContext())
+    union = list(dict.fromkeys(name for task in tasks for name in task.class_names))
+    per_task = [template.format(name) for task in tasks for name in task.class_names for template in task.templates]
+    assert prompts == per_task + [f"an image of {name}, seen anywhere." for name in union]
+    assert len(rows["mtil"]) == len(rows["xtail"]) == 2
+
+
+def test_openai_weights_get_quick_gelu(monkeypatch):
+    """open_clip 3 builds ViT-B-16 with nn.GELU even for OpenAI's weights (trained with QuickGELU), with a warning
+    only: create_clip asks for QuickGELU whenever the tag's weights need it."""
+    import open_clip
+
+    from rank1_cl import model as cl_model
+
+    assert cl_model.needs_quick_gelu(open_clip, "ViT-B-16", "openai")
+    assert not cl_model.needs_quick_gelu(open_clip, "ViT-B-16", "laion2b_s34b_b88k")
+    assert not cl_model.needs_quick_gelu(open_clip, "ViT-B-16", None)
+    assert not cl_model.needs_quick_gelu(open_clip, "ViT-B-16", "/weights/clip.safetensors")
+    calls = []
+
+    def create(name, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stop before any download")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    config = CLConfig().model
+    config.name, config.pretrained = "ViT-B-16", "openai"
+    with pytest.raises(RuntimeError, match="stop before any download"):
+        cl_model.create_clip(config)
+    assert calls[0]["force_quick_gelu"] is True
+
+
 def test_two_task_run_end_to_end(tmp_path):
     output = run_continual(tiny_config(tmp_path), progress=False)
     results = output.results

@@ -41,11 +41,14 @@ def test_the_digest_follows_every_source_and_extension(tmp_path):
 
 
 @needs_tag
-def test_the_users_own_tag_is_kept_and_ours_is_not_repeated(monkeypatch):
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "my-experiment,rank1_kernels=0123456789abcdef")
-    tag = _compile_cache.tag_compile_caches()
-    assert tag == "my-experiment," + _compile_cache.TAG_PREFIX + _compile_cache.code_digest()
-    assert _compile_cache.tag_compile_caches() == tag
+def test_the_users_own_tag_is_kept_and_ours_is_not_repeated():
+    before = torch.compiler.config.cache_key_tag
+    # torch's own patch(): pytest's monkeypatch cannot see a config module's settings and would delete this one.
+    with torch.compiler.config.patch(cache_key_tag="my-experiment,rank1_kernels=0123456789abcdef"):
+        tag = _compile_cache.tag_compile_caches()
+        assert tag == "my-experiment," + _compile_cache.TAG_PREFIX + _compile_cache.code_digest()
+        assert _compile_cache.tag_compile_caches() == tag
+    assert torch.compiler.config.cache_key_tag == before
 
 
 @needs_tag

@@ -94,10 +94,13 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """x_tail: also classify every image over the union of all tasks' class names (no task id).
+    """x_tail: also classify every image over the union of all tasks' class names (no task id), each class's text
+    embedding from the one prompt xtail_template (X-TAIL's evaluation, RAIL's template by default: per-domain
+    template ensembles would name the domain, "..., a type of aircraft.", which makes telling domains apart easier).
     max_test_per_task: a deterministic subset of each test set (None: all of it)."""
 
     x_tail: bool = True
+    xtail_template: str = "a photo of a {}."
     batch_size: int = 256
     max_test_per_task: Optional[int] = None
 
@@ -176,6 +179,11 @@ class CLConfig:
         _at_least("eval.batch_size", self.eval.batch_size, 1)
         if self.eval.max_test_per_task is not None:
             _at_least("eval.max_test_per_task", self.eval.max_test_per_task, 1)
+        if self.eval.xtail_template.count("{}") != 1:
+            raise ValueError(
+                f"eval.xtail_template={self.eval.xtail_template!r} must hold one '{{}}' for the class name, "
+                f"e.g. 'a photo of a {{}}.'"
+            )
         if self.run.stop_after_task is not None:
             _at_least("run.stop_after_task", self.run.stop_after_task, 1)
         if self.data.benchmark in ("mtil", "xtail") and not self.data.data_root:

@@ -345,7 +345,9 @@ class MTILSpec:
 
 
 def _clean(name: str) -> str:
-    return name.replace("_", " ").replace("/", " ").strip()
+    """Underscores to spaces, as CLIP's class names have them. A "/" stays: it belongs to names such as Aircraft's
+    "F/A-18" and Cars' "Ram C/V Cargo Van Minivan 2012" (SUN397's path-like names are handled apart)."""
+    return name.replace("_", " ").strip()
 
 
 def _torchvision():
@@ -372,6 +374,21 @@ def _held_out_split(dataset, labels: torch.Tensor, train: bool, test_fraction: f
     return subset
 
 
+def _in_path_order(dataset) -> None:
+    """Sort a dataset's images by path, in place. torchvision's SUN397 lists them in the order the filesystem
+    walks its folders, which differs between machines; the held-out split draws positions in that list, so without
+    this the same seed would give another test set on another machine (or after a resume elsewhere)."""
+    files, labels = getattr(dataset, "_image_files", None), getattr(dataset, "_labels", None)
+    if files is None or labels is None or len(files) != len(labels):
+        raise TypeError(
+            f"{type(dataset).__name__} no longer keeps _image_files/_labels; the seeded split needs its images in a "
+            f"fixed order (update rank1_cl.data._in_path_order for this torchvision)"
+        )
+    order = sorted(range(len(files)), key=lambda index: str(files[index]))
+    dataset._image_files = [files[index] for index in order]
+    dataset._labels = [labels[index] for index in order]
+
+
 def _build(kind: str, **fixed):
     def build(root, train, transform):
         datasets = _torchvision()
@@ -382,6 +399,8 @@ def _build(kind: str, **fixed):
             return constructor(root, train=train, transform=transform, download=False)
         if kind in ("Caltech101", "SUN397", "EuroSAT"):
             dataset = constructor(root, transform=transform, download=False, **arguments)
+            if kind == "SUN397":
+                _in_path_order(dataset)
             return _held_out_split(dataset, labels_of(dataset), train)
         return constructor(
             root, split=split[0] if train else split[1], transform=transform, download=False, **arguments
@@ -430,6 +449,8 @@ def mtil_class_names(name: str, dataset) -> list:
         raise TypeError(f"{name}: the dataset exposes no class names (classes/categories)")
     if name == "Caltech101":
         return [_CALTECH_RENAMES.get(category, _clean(category)) for category in raw]
+    if name == "SUN397":  # "apartment_building/outdoor" is CLIP's "apartment building outdoor"
+        return [_clean(category.replace("/", " ")) for category in raw]
     return [_clean(category) for category in raw]
 
 

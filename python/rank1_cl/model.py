@@ -57,12 +57,22 @@ def create_clip(config: ModelConfig, seed: int = 0, device=None):
         torch.manual_seed(seed)
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             config.name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[config.precision],
-            device=device or config.device,
+            device=device or config.device, force_quick_gelu=needs_quick_gelu(open_clip, config.name, pretrained),
         )  # fmt: skip
     if config.precision == "fp64":
         model = model.double()
     tokenizer = open_clip.get_tokenizer(config.name)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def needs_quick_gelu(open_clip, name: str, pretrained: str | None) -> bool:
+    """Whether the pretrained tag's weights were trained with QuickGELU (OpenAI's CLIP were). open_clip 3 builds
+    "ViT-B-16" with nn.GELU whatever the tag and only warns when the weights expect QuickGELU, which lowers every
+    accuracy, zero-shot included; older open_clip switched by itself. A checkpoint file carries no such flag: name
+    the architecture with its "-quickgelu" suffix (e.g. ViT-B-16-quickgelu) for OpenAI weights saved to a file."""
+    if not pretrained or os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
 
 def pool_config(settings: PoolSettings, method: str) -> PoolConfig:

@@ -188,16 +188,17 @@ def _progress(iterable, enabled: bool, description: str, total: int):
 
 
 @torch.no_grad()
-def class_embeddings(model: nn.Module, tokenizer, tasks: Sequence[Task], device, batch_size: int) -> list:
-    """Per task (n_classes, D): per class, the normalised mean of its normalised template embeddings (the
-    template ensemble). All tasks' prompts go through the text tower together, in chunks of batch_size."""
-    prompts = [template.format(name) for task in tasks for name in task.class_names for template in task.templates]
+def class_embeddings(model: nn.Module, tokenizer, classes: Sequence[tuple], device, batch_size: int) -> list:
+    """classes: per group, (class names, templates). Per group (n_classes, D): per class, the normalised mean of its
+    normalised template embeddings (the template ensemble). All prompts go through the text tower together, in
+    chunks of batch_size."""
+    prompts = [template.format(name) for names, templates in classes for name in names for template in templates]
     tokens = tokenizer(prompts).to(device)
     features = torch.cat([model.encode_text(chunk, normalize=True) for chunk in tokens.split(batch_size)])
     embeddings, start = [], 0
-    for task in tasks:
-        count = len(task.class_names) * len(task.templates)
-        mean = features[start : start + count].view(len(task.class_names), len(task.templates), -1).mean(dim=1)
+    for names, templates in classes:
+        count = len(names) * len(templates)
+        mean = features[start : start + count].view(len(names), len(templates), -1).mean(dim=1)
         embeddings.append(mean / mean.norm(dim=-1, keepdim=True))
         start += count
     return embeddings
@@ -205,20 +206,21 @@ def class_embeddings(model: nn.Module, tokenizer, tasks: Sequence[Task], device,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tasks: Sequence[Task], tokenizer, config: CLConfig, context: DistContext) -> dict:
-    """{"mtil": [accuracy per task], "xtail": [...]}: each test image classified over its own task's classes,
-    and (X-TAIL) over the union of every task's class names without the task id (the X-TAIL protocol when the
-    tasks are its 10 domains, --benchmark xtail). Test sets are split across ranks and the correct counts summed."""
+    """{"mtil": [accuracy per task], "xtail": [...]}: each test image classified over its own task's classes
+    (its template ensemble), and (X-TAIL) over the union of every task's class names without the task id, each
+    name through the one prompt eval.xtail_template (the X-TAIL protocol when the tasks are its 10 domains,
+    --benchmark xtail). Test sets are split across ranks and the correct counts summed."""
     was_training = model.training
     model.eval()
     device, dtype = context.device, next(model.parameters()).dtype
-    embeddings = class_embeddings(model, tokenizer, tasks, device, config.eval.batch_size)
-    union_names, union_rows = [], []
-    for task, task_embeddings in zip(tasks, embeddings):
-        for name, row in zip(task.class_names, task_embeddings):
-            if name not in union_names:  # a class name shared by two domains is one class of the union
-                union_names.append(name)
-                union_rows.append(row)
-    union = torch.stack(union_rows)
+    # A class name shared by two domains is one class of the union (RAIL's code keeps both rows, so a tie there
+    # goes to the earlier domain; only images of shared names can score differently).
+    union_names = list(dict.fromkeys(name for task in tasks for name in task.class_names))
+    groups = [(task.class_names, task.templates) for task in tasks]
+    if config.eval.x_tail:
+        groups.append((union_names, [config.eval.xtail_template]))
+    embeddings = class_embeddings(model, tokenizer, groups, device, config.eval.batch_size)
+    union = embeddings.pop() if config.eval.x_tail else None
     union_index = {name: index for index, name in enumerate(union_names)}
     rows = {"mtil": [], "xtail": []}
     for task_index, (task, task_embeddings) in enumerate(zip(tasks, embeddings)):
