@@ -135,6 +135,12 @@ def known_backends() -> list[str]:
     return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
 
 
+def check_backend_name(name: str) -> None:
+    """A misspelt backend is an error where it is given (a layer, a PoolConfig), not at the first forward."""
+    if name != "auto" and name not in known_backends():
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, known_backends()))}")
+
+
 def get_backend(name: str) -> Backend:
     _load_lazy(name)
     if name not in _REGISTRY:

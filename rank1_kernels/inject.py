@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .ago import ago_loss_grouped
 from .attention import PoolMultiheadAttention
+from .backends import check_backend_name
 from ._checks import check_choice, check_top_k
 from .families import (
     TEXT_ROUTING, SplitQKVLinear, find_towers, install_text_routing, is_fused_qkv, remove_text_routing, select_towers,
@@ -48,6 +49,7 @@ class PoolConfig:
     attention_projections: tuple[str, ...] = ATTENTION_ROLES
 
     def __post_init__(self) -> None:
+        check_backend_name(self.backend)
         unknown = set(self.attention_projections) - set(ATTENTION_ROLES)
         if unknown:
             raise ValueError(f"attention_projections has {sorted(unknown)}; expected a subset of {ATTENTION_ROLES}")
@@ -216,13 +218,25 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_top_m(model: nn.Module, top_m: int) -> None:
+    """top_m experts to merge (or to constrain by AGO) must exist in every pool layer: checked for all layers before
+    any changes, so that a bad top_m never leaves a model half merged."""
+    for name, layer in pool_layers(model):
+        check_top_k(top_m, layer.r, what=f"top_m (pool layer {name!r})")
+
+
 def merge_all(model: nn.Module, top_m: int = 4, reset_pool: bool = True) -> dict[str, torch.Tensor]:
-    """merge(top_m) on every pool layer (the end of a task); returns each layer's merged expert indices."""
+    """merge(top_m) on every pool layer (the end of a task); returns each layer's merged expert indices. top_m is
+    checked against every layer first: a bad one merges nothing."""
+    check_top_m(model, top_m)
     return {name: layer.merge(top_m, reset_pool=reset_pool) for name, layer in pool_layers(model)}
 
 
 def mark_only_pool_trainable(model: nn.Module) -> int:
     """requires_grad only for the pool parameters (lora_A, lora_B, router); returns the trainable count."""
+    if not any(True for _ in pool_layers(model)):
+        raise ValueError("mark_only_pool_trainable(): the model has no pool layers (it would freeze everything); "
+                         "call inject() first")  # fmt: skip
     model.requires_grad_(False)
     count = 0
     for _, layer in pool_layers(model):

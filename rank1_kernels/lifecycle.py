@@ -11,6 +11,10 @@
 The pool tensors and the merge history are buffers of the pool layers, so they travel in model.state_dict()
 (or save_adapters); this object's state_dict() holds the rest of the history: which tasks ran, the activation
 counts each layer had at the end of each task and the experts merged.
+
+begin_task redraws the pools in place (the same Parameter objects): an optimizer kept across tasks would carry
+its moments (Adam's exp_avg, ...) into the fresh pool. Make a new optimizer per task, or clear its state for
+pool_parameters() of every layer (the Avalanche plugin does).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .inject import ago_penalty, merge_all, pool_layers
+from .inject import ago_penalty, check_top_m, merge_all, pool_layers
 
 
 def _data_parallel() -> bool:
@@ -46,6 +50,7 @@ class PoolLifecycle:
                  sync_ranks: bool = True):  # fmt: skip
         if not any(True for _ in pool_layers(model)):
             raise ValueError("PoolLifecycle needs a model with pool layers; call rank1_kernels.inject(model) first")
+        check_top_m(model, top_m)  # now, not after a task has trained
         self.model = model
         self.top_m, self.ago_weight, self.ago_p, self.backend = top_m, ago_weight, ago_p, backend
         self.sync_ranks = sync_ranks
@@ -58,6 +63,7 @@ class PoolLifecycle:
         """Start a task: every pool layer gets a fresh pool (new A, zero B, new router, zero counts)."""
         if self.current_task is not None:
             raise RuntimeError(f"begin_task({task_id!r}) while task {self.current_task!r} is running; call end_task() first")
+        check_top_m(self.model, self.top_m)  # layers may have been injected since the lifecycle was made
         for _, layer in pool_layers(self.model):
             layer.reset_pool()
         if self.sync_ranks and _data_parallel():
@@ -78,11 +84,13 @@ class PoolLifecycle:
         if self.current_task is None:
             raise RuntimeError("end_task() without begin_task()")
         top_m = self.top_m if top_m is None else top_m
+        check_top_m(self.model, top_m)  # before anything changes: a refused end_task can be called again
         if self.sync_ranks and _data_parallel():
             _from_rank_0(layer.activation_counts for _, layer in pool_layers(self.model))
-        for name, layer in pool_layers(self.model):
-            self.counts_per_task.setdefault(name, []).append(layer.activation_counts.detach().cpu().clone())
+        counts = {name: layer.activation_counts.detach().cpu().clone() for name, layer in pool_layers(self.model)}
         merged = merge_all(self.model, top_m=top_m, reset_pool=True)
+        for name, layer_counts in counts.items():
+            self.counts_per_task.setdefault(name, []).append(layer_counts)
         for name, experts in merged.items():
             self.merged_experts_per_task.setdefault(name, []).append(experts.detach().cpu().clone())
         self.finished_tasks.append(self.current_task)
@@ -99,6 +107,19 @@ class PoolLifecycle:
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the history saved by state_dict(); its layers must be this model's pool layers."""
+        layers = {name for name, _ in pool_layers(self.model)}
+        for key in ("counts_per_task", "merged_experts_per_task"):
+            saved = set(state[key])
+            if saved and saved != layers:
+                missing, extra = sorted(layers - saved), sorted(saved - layers)
+                problems = [f"{what} {names[:4]}{' ...' if len(names) > 4 else ''}" for what, names in (
+                    ("nothing for the model's", missing), ("entries for layers the model lacks:", extra)) if names]  # fmt: skip
+                raise ValueError(
+                    f"the lifecycle state's {key} is for other pool layers than this model's: {'; '.join(problems)}. "
+                    f"Inject the same layers as the saved run"
+                )
+        check_top_m(self.model, state["top_m"])
         self.top_m, self.ago_weight, self.ago_p = state["top_m"], state["ago_weight"], state["ago_p"]
         self.finished_tasks = list(state["finished_tasks"])
         self.current_task = state["current_task"]

@@ -10,12 +10,14 @@ import torch.nn as nn
 from ._checks import (
     GATE_KINDS,
     ROUTING_MODES,
+    _may_read_back,
     check_choice,
     check_last_dim,
     check_rows_divisible,
     check_same_device_dtype,
     check_top_k,
 )
+from .backends import check_backend_name
 from .pool_linear import rank1_pool_linear
 from .routing import route, top_experts
 
@@ -83,6 +85,7 @@ class FusedRank1PoolLinear(nn.Module):
         check_top_k(k, r)
         check_choice("routing", routing, ROUTING_MODES)
         check_choice("gate", gate, GATE_KINDS)
+        check_backend_name(backend)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         factory = {"device": device, "dtype": dtype}
@@ -232,6 +235,13 @@ class FusedRank1PoolLinear(nn.Module):
                 f"routing_positions must be int64 of shape (n_samples={n_samples},), got {positions.dtype} "
                 f"{tuple(positions.shape)}; it was set for another batch (set it per forward, or to None)"
             )
+        if _may_read_back(positions) and positions.numel():
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or high >= tokens_per_sample:
+                raise ValueError(
+                    f"routing_positions holds token {low if low < 0 else high}, outside the {tokens_per_sample} tokens "
+                    f"of each sample; expected 0 <= position < {tokens_per_sample}"
+                )
         per_sample = rows.reshape(n_samples, tokens_per_sample, self.in_features)
         return per_sample[torch.arange(n_samples, device=rows.device), positions.to(rows.device)]
 

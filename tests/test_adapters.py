@@ -188,8 +188,8 @@ def test_lifecycle_state_with_a_different_top_m_per_task(tmp_path):
     assert [len(experts) for experts in merged] == [4, 2]
     for ours, theirs in zip(merged, lifecycle.merged_experts_per_task["mlp.c_fc"]):
         assert torch.equal(ours, theirs)
-    stacked = {**lifecycle.state_dict(), "merged_experts_per_task": {"mlp.c_fc": torch.stack([merged[0], merged[0]])}}
-    restored.load_state_dict(stacked)
+    stacked = {name: torch.stack([experts[0], experts[0]]) for name, experts in restored.merged_experts_per_task.items()}
+    restored.load_state_dict({**lifecycle.state_dict(), "merged_experts_per_task": stacked})
     assert [len(experts) for experts in restored.merged_experts_per_task["mlp.c_fc"]] == [4, 4]
 
 
@@ -206,3 +206,74 @@ def test_hooks_do_not_keep_a_model_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+def _two_pool_sizes():
+    """c_fc with 8 experts, every other layer with 4: a top_m that suits one layer and not another."""
+    model = inject(_base(), target=["mlp.c_fc"], r=8, k=2)
+    return inject(model, target=["mlp.c_proj", "attn"], r=4, k=2)
+
+
+def test_a_refused_end_task_merges_nothing_and_can_be_called_again():
+    """top_m is checked against every layer before any merges: a failed end_task used to leave some layers merged
+    and reset, and a retry recorded a second merge on top of theirs."""
+    model = _two_pool_sizes()
+    with pytest.raises(ValueError, match=r"top_m \(pool layer 'attn.q_proj'\)=6 is out of range.*r=4"):
+        PoolLifecycle(model, top_m=6)  # before a task trains, not after
+    lifecycle = PoolLifecycle(model, top_m=2)
+    lifecycle.begin_task("a")
+    _train_a_little(model)
+    counts = {name: layer.activation_counts.clone() for name, layer in pool_layers(model)}
+    with pytest.raises(ValueError, match="pool layer 'attn.q_proj'"):
+        lifecycle.end_task(top_m=6)
+    for name, layer in pool_layers(model):
+        assert layer.merge_sizes.numel() == 0 and torch.equal(layer.activation_counts, counts[name]), name
+    assert lifecycle.counts_per_task == {} and lifecycle.current_task == "a"
+    lifecycle.end_task(top_m=3)
+    assert {tuple(layer.merge_sizes.tolist()) for _, layer in pool_layers(model)} == {(3,)}
+    assert all(len(history) == 1 for history in lifecycle.counts_per_task.values())
+    with pytest.raises(ValueError, match="pool layer 'attn.q_proj'"):
+        merge_all(model, top_m=5)
+    assert {tuple(layer.merge_sizes.tolist()) for _, layer in pool_layers(model)} == {(3,)}
+
+
+def test_hooks_refuse_to_change_settings_after_the_first_task():
+    from rank1_kernels.integrations import hooks
+
+    model = inject(_base(), r=6, k=3)
+    hooks.begin_task(model, 0, top_m=2, ago_weight=0.1)
+    hooks.end_task(model)
+    with pytest.raises(ValueError, match=r"has top_m=2, ago_weight=0.1, fixed at its first begin_task; got top_m=5"):
+        hooks.begin_task(model, 1, top_m=5, ago_weight=1.0)
+    hooks.begin_task(model, 1, top_m=2, ago_weight=0.1)  # the same settings again: fine
+    with pytest.raises(TypeError, match=r"unknown lifecycle setting\(s\) \['topm'\]"):
+        hooks.lifecycle_of(model, topm=3)
+
+
+def test_lifecycle_state_of_other_layers_is_refused():
+    source = inject(_base(), r=6, k=3)
+    lifecycle = PoolLifecycle(source, top_m=2)
+    lifecycle.begin_task("a")
+    _train_a_little(source)
+    lifecycle.end_task()
+    target = inject(_base(), target=["attn"], r=6, k=3)
+    with pytest.raises(ValueError, match=r"entries for layers the model lacks: \['mlp.c_fc', 'mlp.c_proj'\]"):
+        PoolLifecycle(target).load_state_dict(lifecycle.state_dict())
+
+
+def test_mistakes_that_used_to_pass_silently():
+    from rank1_kernels import FusedRank1PoolLinear, PoolConfig, mark_only_pool_trainable
+
+    with pytest.raises(ValueError, match="no pool layers .*it would freeze everything"):
+        mark_only_pool_trainable(_base())
+    with pytest.raises(ValueError, match="unknown backend 'trition'; expected 'auto' or one of"):
+        FusedRank1PoolLinear(4, 4, r=2, k=1, backend="trition")
+    with pytest.raises(ValueError, match="unknown backend 'trition'"):
+        inject(_base(), r=6, k=3, backend="trition")
+    with pytest.raises(ValueError, match="unknown backend 'trition'"):
+        PoolConfig(backend="trition")
+    layer = FusedRank1PoolLinear(4, 4, r=2, k=1)
+    for positions, token in (([0, 7], 7), ([-1, 0], -1)):
+        layer.routing_positions = torch.tensor(positions)
+        with pytest.raises(ValueError, match=f"routing_positions holds token {token}, outside the 3 tokens"):
+            layer(torch.randn(2, 3, 4))

@@ -37,20 +37,36 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
-def lifecycle_of(
-    model: nn.Module, top_m: int = 4, ago_weight: float = 0.1, ago_p: int = 1, backend: str = "auto"
-) -> PoolLifecycle:
-    """The model's PoolLifecycle, created with these settings on the first call (later calls ignore them)."""
+_DEFAULT_SETTINGS = {"top_m": 4, "ago_weight": 0.1, "ago_p": 1, "backend": "auto"}
+
+
+def lifecycle_of(model: nn.Module, **settings) -> PoolLifecycle:
+    """The model's PoolLifecycle, created on the first call with `settings` (top_m=4, ago_weight=0.1, ago_p=1,
+    backend="auto" where not given). Settings hold for the model's whole run: a later call that passes a different
+    value raises instead of ignoring it (end_task(model, top_m=...) changes one task's merge)."""
+    unknown = set(settings) - set(_DEFAULT_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown lifecycle setting(s) {sorted(unknown)}; expected some of {list(_DEFAULT_SETTINGS)}")
     model = unwrapped(model)
     lifecycle = model.__dict__.get(_ATTRIBUTE)
     if lifecycle is None:
-        lifecycle = PoolLifecycle(model, top_m=top_m, ago_weight=ago_weight, ago_p=ago_p, backend=backend)
+        lifecycle = PoolLifecycle(model, **{**_DEFAULT_SETTINGS, **settings})
         model.__dict__[_ATTRIBUTE] = lifecycle
+        return lifecycle
+    changed = {key: value for key, value in settings.items() if getattr(lifecycle, key) != value}
+    if changed:
+        current = ", ".join(f"{key}={getattr(lifecycle, key)!r}" for key in changed)
+        asked = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+        raise ValueError(
+            f"the model's pool lifecycle has {current}, fixed at its first begin_task; got {asked}. Pass the same "
+            f"settings (or none) on later tasks; end_task(model, top_m=...) changes one task's merge"
+        )
     return lifecycle
 
 
 def begin_task(model: nn.Module, task_id, **settings) -> None:
-    """Start task `task_id`: a fresh pool in every layer. settings (top_m, ago_weight, ...) apply on the first call."""
+    """Start task `task_id`: a fresh pool in every layer. settings (top_m, ago_weight, ago_p, backend) make the
+    lifecycle on the first call; later calls may repeat them, not change them."""
     lifecycle_of(model, **settings).begin_task(task_id)
 
 
@@ -82,4 +98,7 @@ def state_dict(model: nn.Module) -> dict:
 
 def load_state_dict(model: nn.Module, state: dict) -> None:
     """Restore the lifecycle's history into the model's lifecycle (after model.load_state_dict())."""
-    lifecycle_of(model).load_state_dict(state)
+    existing = unwrapped(model).__dict__.get(_ATTRIBUTE)
+    # A lifecycle made here starts from the saved settings; an existing one takes them over from the state.
+    lifecycle = existing or lifecycle_of(model, **{key: state[key] for key in ("top_m", "ago_weight", "ago_p")})
+    lifecycle.load_state_dict(state)
