@@ -227,7 +227,14 @@ def _layer_table(table_rows: list[list[int]], device: torch.device, key: tuple) 
         return torch.tensor(table_rows, dtype=torch.int64, device=device)
     table = _TABLE_CACHE.get(key)
     if table is None:
-        table = _TABLE_CACHE[key] = torch.tensor(table_rows, dtype=torch.int64, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the grouped AGO loss copies its per-layer table to the GPU on the first call for these layer shapes, "
+                "which a CUDA graph capture cannot hold: run one step (forward and backward) before capturing"
+            )
+        # A normal tensor even when first made under inference_mode: training steps save it for backward.
+        with torch.inference_mode(False):
+            table = _TABLE_CACHE[key] = torch.tensor(table_rows, dtype=torch.int64, device=device)
     return table
 
 

@@ -8,6 +8,8 @@ before this module was imported: that is how CI checks the kernels without a GPU
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,15 @@ from .triton_pool_linear import is_interpreted, triton_pool_linear
 from .triton_routing import MAX_EXPERTS, triton_route
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _on_device_of(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device and its stream, not on the tensors' device: a model on cuda:1
+    while device 0 is current needs a guard (its kernels would get another GPU's pointers). Backward needs none:
+    autograd runs a device's backward with that device current. Compiled graphs set devices themselves."""
+    if tensor.is_cuda and not torch.compiler.is_compiling() and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -60,16 +71,19 @@ class TritonBackend(Backend):
         return bool(tensors) and tensors[0].device.type == "cuda" and not is_interpreted()
 
     def pool_linear(self, x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input):
-        return triton_pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input)
+        with _on_device_of(x):
+            return triton_pool_linear(x, weight, bias, A, B, idx, gates, scaling, tokens_per_sample, lora_input)
 
     def ago_grouped(self, B_curs, B_prevs, cur_masks, prev_masks, p):
-        return triton_ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p)
+        with _on_device_of(B_curs[0]) if B_curs else contextlib.nullcontext():
+            return triton_ago_grouped(B_curs, B_prevs, cur_masks, prev_masks, p)
 
     def route(self, tokens, router_weight, router_bias, k, mode, counts, check_finite, gate):
         if check_finite and _may_read_back(tokens):  # the kernel never writes the scores out: PyTorch computes
             # them for the check alone (on CPU, or on a GPU after set_device_sync_checks(True))
             check_finite_scores(F.linear(tokens, router_weight, router_bias))
-        idx, gates = triton_route(tokens, router_weight, router_bias, k, mode, counts, gate)
+        with _on_device_of(tokens):
+            idx, gates = triton_route(tokens, router_weight, router_bias, k, mode, counts, gate)
         return idx, gates if gates is not None else shared_ones(idx.shape, tokens.dtype, tokens.device)
 
 

@@ -167,7 +167,8 @@ def _shrink_kernel(
     experts = _slot_experts(idx_ptr, stride_idx_sample, stride_idx_slot, group, slots, slot_ok, DENSE_SLOTS)
     acc = tl.zeros((BLOCK_M, BLOCK_SLOTS), dtype=tl.float32)
     for d0 in range(0, depth, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        # int64: a column-major input's column stride is n_rows, and col * stride passes 2^31 at real sizes.
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         col_ok = cols < depth
         rows_tile = tl.load(
             in_ptr + rows[:, None] * stride_in_row + cols[None, :] * stride_in_col,
@@ -214,7 +215,7 @@ def _fused_linear_kernel(
         u = tl.zeros((BLOCK_M, BLOCK_SLOTS), dtype=tl.float32)
     if HAS_BASE:
         for k0 in range(0, depth, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64 as in _shrink_kernel (column-major x or dy)
             k_ok = ks < depth
             x_tile = tl.load(
                 x_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,

@@ -57,7 +57,7 @@ def _scores(tok_ptr, stride_tok_sample, stride_tok_d, w_ptr, stride_w_expert, st
     them; NaN as +inf."""
     acc = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
     for d0 in range(0, d_in, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+        ds = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # column-major tokens: d * n_samples may pass 2^31
         d_ok = ds < d_in
         tokens = tl.load(tok_ptr + samples[:, None] * stride_tok_sample + ds[None, :] * stride_tok_d,
                          mask=sample_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip

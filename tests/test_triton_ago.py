@@ -97,6 +97,24 @@ def test_layer_table_is_reused_across_steps():
     assert all(triton_ago._TABLE_CACHE[key] is table for key, table in tables_before.items())
 
 
+def test_a_table_first_made_under_inference_mode_serves_training():
+    """An evaluation that logs the AGO penalty under inference_mode may be the first call for some layer shapes; the
+    cached table must still be a tensor that a training step can save for backward."""
+    shapes = [(11, 3, 2), (5, 3, 2)]  # shapes no other test uses: this call makes the table
+    B_curs, B_prevs, cur_masks, prev_masks = _layers(shapes, _device(), seed=9)
+    curs, prevs = [b.float() for b in B_curs], [b.float() for b in B_prevs]
+    with torch.inference_mode():
+        triton_ago_grouped(curs, prevs, cur_masks, prev_masks, 1)
+    leaves = [c.clone().requires_grad_() for c in curs]
+    losses = triton_ago_grouped(leaves, prevs, cur_masks, prev_masks, 1)
+    grads = torch.autograd.grad(losses.sum(), leaves)
+    same = torch.autograd.grad(ago_loss_grouped_ref(leaves, prevs, cur_masks, prev_masks, 1).sum(), leaves)
+    exact = [b.clone().requires_grad_() for b in B_curs]
+    oracle = torch.autograd.grad(ago_loss_grouped_ref(exact, B_prevs, cur_masks, prev_masks, 1).sum(), exact)
+    for index, (got, reference, truth) in enumerate(zip(grads, same, oracle)):
+        assert_close_by_rule(got, reference, truth, f"d_cur[{index}] after an inference_mode first call")
+
+
 def test_deterministic_bits():
     B_curs, B_prevs, cur_masks, prev_masks = _layers(CPU_LAYERS, _device(), seed=2)
 

@@ -141,6 +141,26 @@ def test_non_contiguous_inputs(variant, shrink):
     _check_against_reference(inputs, torch.float32, 0.5, 5, variant, f"{variant} {shrink} non-contiguous", shrink)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter shows the wrap as a crash or a misread")
+@pytest.mark.parametrize("shrink", SHRINKS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_column_offsets_beyond_int32(variant, shrink):
+    """A column-major x has column stride n_rows: column * stride passes 2^31 elements at real sizes (4096 x 197
+    tokens x 3072), and an int32 column index wrapped to a negative offset. Here x's last column sits at element
+    2^31 of a 4 GiB fp16 storage (virtual: only the touched pages are allocated)."""
+    inputs = _inputs(2, 2, 3, 5, 4, 2, False, False, _device(), seed=5)
+    stride = 2**30
+    storage = torch.empty(2 * stride + inputs["x"].shape[0], dtype=torch.float16)
+    x = storage.as_strided(inputs["x"].shape, (1, stride))
+    x.copy_(inputs["x"])
+    others = [inputs[name] for name in ("weight", "bias", "A", "B", "idx", "gates")]
+    half = [t.half() if t is not None and t.is_floating_point() else t for t in others]
+    got = triton_pool_linear(x, *half, 0.5, 2, variant=variant, shrink=shrink)
+    same = rank1_pool_linear_ref(x.contiguous(), *half, 0.5, 2)
+    oracle = rank1_pool_linear_ref(inputs["x"], *others, 0.5, 2)
+    assert_close_by_rule(got, same, oracle, f"{variant} {shrink} x with column offsets beyond int32")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_index_views_that_flatten_to_strided_views(variant):
     """idx as views whose flat form is itself a strided view, not a copy: the first column of a wider idx (k = 1),
@@ -640,3 +660,24 @@ def test_constant_ones_first_needed_inside_a_cuda_graph_capture():
         torch.cuda.synchronize()
     assert torch.equal(captured, expected)
     assert int((layer.activation_counts - counts_before).sum()) == 4 * 3  # the replay added one per choice
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_layer_on_another_gpu_than_the_current_one():
+    """Triton launches on the current device: the backend guards the device of the inputs (cuda:1 while cuda:0 is
+    current), forward and backward, routing and the AGO loss included."""
+    torch.cuda.set_device(0)
+    layer = FusedRank1PoolLinear(32, 48, r=12, k=4, gate="softmax", backend="triton").to("cuda:1").train()
+    torch.nn.init.normal_(layer.lora_B)
+    reference = copy.deepcopy(layer)
+    reference.backend = "reference"
+    x = torch.randn(3, 7, 32, device="cuda:1")
+    for module in (layer, reference):
+        module(x).square().sum().backward()
+    oracle = copy.deepcopy(reference).double()
+    oracle.zero_grad()
+    oracle(x.double()).square().sum().backward()
+    for name in ("lora_A", "lora_B"):
+        assert_close_by_rule(getattr(layer, name).grad, getattr(reference, name).grad, getattr(oracle, name).grad,
+                             f"cuda:1 d{name}")  # fmt: skip
