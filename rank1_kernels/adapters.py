@@ -140,7 +140,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, strict: bool = True
 
     The model's layers must have no merges yet (their base weights pristine): the file's merges are added to
     them. With strict, the file and the model must hold the same pool layers, and each base weight must be the
-    saving model's (checked against the file's weight sketches, up to rounding; another dtype or device is fine)."""
+    saving model's (checked against the file's weight sketches, up to rounding; another dtype or device is fine).
+    Each layer's routing settings (k, alpha, routing, gate, routing_token_index) become the file's, those its pool
+    was trained with, whatever the model was injected with; r must match (it shapes the tensors)."""
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as handle:
