@@ -84,11 +84,10 @@ class PoolLifecycle:
         if self.current_task is None:
             raise RuntimeError("end_task() without begin_task()")
         top_m = self.top_m if top_m is None else top_m
-        check_top_m(self.model, top_m)  # before anything changes: a refused end_task can be called again
         if self.sync_ranks and _data_parallel():
             _from_rank_0(layer.activation_counts for _, layer in pool_layers(self.model))
         counts = {name: layer.activation_counts.detach().cpu().clone() for name, layer in pool_layers(self.model)}
-        merged = merge_all(self.model, top_m=top_m, reset_pool=True)
+        merged = merge_all(self.model, top_m=top_m, reset_pool=True)  # checks top_m first: a refusal changes nothing
         for name, layer_counts in counts.items():
             self.counts_per_task.setdefault(name, []).append(layer_counts)
         for name, experts in merged.items():
