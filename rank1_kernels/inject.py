@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
@@ -192,10 +193,25 @@ def inject(
         )
     if "" in replacements:
         raise ValueError("inject() cannot replace the model object itself; use FusedRank1PoolLinear.from_linear()")
+    if isinstance(target, str) and target == "auto" and not found_towers:
+        _warn_about_generic_targets(replacements)
     for name, new in replacements.items():
         _set_submodule(model, name, new)
     install_text_routing(model, found_towers, text_routing)
     return model
+
+
+def _warn_about_generic_targets(replacements: dict[str, nn.Module]) -> None:
+    """target="auto" on a model of no known family falls back to DEFAULT_TARGETS (CLIP's names): say which of those
+    patterns found nothing, so that a model naming its layers fc1/fc2 does not silently train attention pools only."""
+    unmatched = [pattern for pattern in DEFAULT_TARGETS if not any(_matcher(pattern)(name, None) for name in replacements)]
+    if unmatched:
+        warnings.warn(
+            f"inject(target='auto') recognised no model family (open_clip, OpenAI clip, transformers CLIP, timm ViT) "
+            f"and used the generic patterns {DEFAULT_TARGETS}, of which {unmatched} matched nothing "
+            f"({len(replacements)} module(s) injected); pass target= patterns to choose the layers",
+            stacklevel=3,
+        )
 
 
 def unload(model: nn.Module) -> nn.Module:

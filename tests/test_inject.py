@@ -282,3 +282,20 @@ def test_top_level_linears_are_batch_first_beside_sequence_first_blocks():
     inject(model, target=("stem", "head", "fc"), r=4, k=2)
     assert model["stem"].batch_first and model["head"].batch_first
     assert not model["blocks"][0].fc.batch_first
+
+
+def test_auto_on_an_unknown_model_says_which_generic_patterns_found_nothing():
+    """A model of no known family gets DEFAULT_TARGETS; layers named fc1/fc2 would get no pool, silently."""
+    import warnings
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    with pytest.warns(UserWarning, match=r"\['mlp.c_fc', 'mlp.c_proj'\] matched nothing \(1 module\(s\) injected\)"):
+        inject(Block(), r=4, k=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(Block(), target=["attn", "fc1", "fc2"], r=4, k=2)  # chosen patterns: nothing to say
