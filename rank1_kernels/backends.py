@@ -138,7 +138,11 @@ def known_backends() -> list[str]:
 def check_backend_name(name: str) -> None:
     """A misspelt backend is an error where it is given (a layer, a PoolConfig), not at the first forward."""
     if name != "auto" and name not in known_backends():
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, known_backends()))}")
+        raise _unknown_backend(name)
+
+
+def _unknown_backend(name: str) -> ValueError:
+    return ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, known_backends()))}")
 
 
 def get_backend(name: str) -> Backend:
@@ -146,7 +150,7 @@ def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:
         if name in _IMPORT_ERRORS:
             raise RuntimeError(f"backend={name!r} is not available: {_IMPORT_ERRORS[name]}")
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(map(repr, known_backends()))}")
+        raise _unknown_backend(name)
     return _INSTANCES[name]
 
 

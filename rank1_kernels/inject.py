@@ -146,14 +146,15 @@ def inject(
     replacements: dict[str, nn.Module] = {}
     made: dict[int, nn.Module] = {}  # id(original) -> its replacement, for a module used at several places
     inside_replaced: tuple[str, ...] = ()
-    injected_before = False  # a target is a pool layer already: inject() ran on this model before
+    pools_before: list[tuple[str, FusedRank1PoolLinear]] = []  # targets that are pool layers already
     # Every place a module is used, so that one used twice is replaced at both places by one new module.
     for name, module in model.named_modules(remove_duplicate=False):
         if inside_replaced and name.startswith(inside_replaced):
             continue  # the out_proj inside a matched attention, or a submodule of a pool layer
         if isinstance(module, (FusedRank1PoolLinear, PoolMultiheadAttention, SplitQKVLinear)):
             inside_replaced += (name + ".",)  # injected before: its router and projections are not targets
-            injected_before = injected_before or matches(name, module)
+            if matches(name, module):
+                pools_before += [(f"{name}.{sub}" if sub else name, layer) for sub, layer in _pool_layers_inside(module)]
             continue
         if id(module) in made:
             replacements[name] = made[id(module)]
@@ -182,8 +183,9 @@ def inject(
             inside_replaced += (name + ".",)
         if name in replacements:
             made[id(module)] = replacements[name]
-    if not replacements and injected_before:
-        return model  # inject() again with the same targets: nothing left to do
+    _check_pools_before(pools_before, config)
+    if not replacements and pools_before:
+        return model  # inject() again with the same targets and settings: nothing left to do
     if not replacements:
         n_pools = sum(1 for _ in pool_layers(model))
         before = f" (the model has {n_pools} pool layers already: inject() ran on it before)" if n_pools else ""
@@ -199,6 +201,27 @@ def inject(
         _set_submodule(model, name, new)
     install_text_routing(model, found_towers, text_routing)
     return model
+
+
+def _pool_layers_inside(module: nn.Module) -> Iterator[tuple[str, FusedRank1PoolLinear]]:
+    """The pool layers of a pool layer, a PoolMultiheadAttention or a split qkv, by name relative to it."""
+    return ((name, m) for name, m in module.named_modules() if isinstance(m, FusedRank1PoolLinear))
+
+
+def _check_pools_before(pools_before: list[tuple[str, FusedRank1PoolLinear]], config: PoolConfig) -> None:
+    """inject() does not rebuild a pool layer: a call whose settings differ from those of the pools it finds would
+    otherwise keep the old pools silently (a second inject(r=64) training r=12 pools)."""
+    wanted = {field: getattr(config, field) for field in ("r", "k", "alpha", "routing", "gate", "dropout", "backend")}
+    for name, layer in pools_before:
+        found = {**layer.config(), "backend": layer.backend}
+        changed = {field: (found[field], value) for field, value in wanted.items() if found[field] != value}
+        if changed:
+            differences = ", ".join(f"{field}={old!r} (this call asks for {new!r})" for field, (old, new) in changed.items())
+            raise ValueError(
+                f"inject(): {name!r} is a pool layer already, with {differences}; inject() does not rebuild pools. "
+                f"To start again from plain layers call merge_all() (to keep what was learnt) and unload() first; "
+                f"to change only the backend, set each pool layer's .backend"
+            )
 
 
 def _warn_about_generic_targets(replacements: dict[str, nn.Module]) -> None:

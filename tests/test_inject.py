@@ -261,6 +261,22 @@ def test_inject_twice_changes_nothing():
         inject(model, target=lambda name, module: isinstance(module, nn.Linear) and name.endswith("router"))
 
 
+def test_inject_again_with_other_settings_is_refused_not_silently_ignored():
+    """inject() does not rebuild pools: a second call asking for another r (or k, gate, ...) used to keep the first
+    call's pools without a word."""
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=True), "fc": nn.Linear(8, 8)})
+    inject(model, target=("attn", "fc"), r=4, k=2)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'attn.q_proj' is a pool layer already, with r=4 \(this call asks for 8\)"):
+        inject(model, target=("attn", "fc"), r=8, k=2)
+    with pytest.raises(ValueError, match=r"'fc' is a pool layer already, with gate='none' \(this call asks for 'softmax'\)"):
+        inject(model, target="fc", r=4, k=2, gate="softmax")
+    with pytest.raises(ValueError, match="set each pool layer's .backend"):
+        inject(model, target="fc", r=4, k=2, backend="reference")
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    inject(model, target=("attn", "fc"), r=4, k=2)  # the same settings: nothing to do
+
+
 def test_a_module_used_twice_is_replaced_everywhere_by_one_pool():
     shared = nn.Linear(8, 8)
     model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
