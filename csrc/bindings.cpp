@@ -20,6 +20,7 @@
 #define RANK1_DISPATCH_KEY CPU
 #else
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #define RANK1_DISPATCH_KEY CUDA
 #endif
@@ -33,10 +34,14 @@ struct DeviceGuard {
   explicit DeviceGuard(at::Device) {}
 };
 cudaStream_t current_stream() { return nullptr; }
+bool stream_is_capturing() { return false; }
 #else
 constexpr auto kDeviceType = at::kCUDA;
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+bool stream_is_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 #endif
 
 Dtype dtype_of(const at::Tensor& t) {
@@ -210,6 +215,11 @@ class AgoTableCache {
     for (const auto& entry : entries_) {
       if (entry.first == key) return entry.second;
     }
+    // A copy from host memory cannot be captured: it would invalidate the capture with an unspecific CUDA error.
+    TORCH_CHECK(!stream_is_capturing(),
+                "the grouped AGO loss copies its per-layer table to the GPU on the first call for these layer shapes, "
+                "which a CUDA graph capture cannot hold: run one step (forward and backward) before capturing");
+    c10::InferenceMode normal_tensor(false);  // the cache outlives an inference_mode block that first fills it
     auto table = at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(device);
     entries_.emplace_back(std::move(key), table);
     return table;

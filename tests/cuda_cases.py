@@ -118,6 +118,21 @@ def check_ago(device, dtype, p, layers):
     _assert_cuda_matches_reference(run, lambda t: t.detach().to(dtype), names, f"cuda AGO {dtype} p={p}")
 
 
+def check_ago_table_first_made_under_inference_mode(device):
+    """An evaluation that logs the AGO penalty under inference_mode may be the first call for some layer shapes: the
+    op's cached device table must still serve the training steps after it."""
+    layers = [(13, 3, 2), (6, 3, 1)]  # shapes no other check uses: the inference_mode call makes the table
+    with torch.inference_mode():
+        g = torch.Generator(device=device).manual_seed(3)
+        rank1_kernels.ago_loss_grouped(
+            [torch.randn(d, r, device=device, generator=g) for d, r, _ in layers],
+            [torch.randn(d, m, device=device, generator=g) for d, _, m in layers],
+            [torch.ones(r, dtype=torch.bool, device=device) for _, r, _ in layers],
+            [torch.ones(m, dtype=torch.bool, device=device) for _, _, m in layers], 1, backend="cuda",
+        )  # fmt: skip
+    check_ago(device, torch.float32, 1, layers)
+
+
 def check_ago_prev_gradient(device, p):
     """B_prev is frozen history in training, but the op also differentiates it when asked (e.g. for gradcheck-style
     use): both gradients against the reference."""

@@ -155,6 +155,11 @@ def test_ago_gradient_of_the_history_on_gpu(cuda_ops, p):
 
 
 @pytest.mark.gpu
+def test_ago_table_first_made_under_inference_mode_on_gpu(cuda_ops):
+    cuda_cases.check_ago_table_first_made_under_inference_mode("cuda")
+
+
+@pytest.mark.gpu
 def test_opcheck_on_gpu(cuda_ops):
     cuda_cases.check_opcheck("cuda")
 

@@ -60,6 +60,10 @@ def test_ago_gradient_of_the_history(p):
     cuda_cases.check_ago_prev_gradient("cpu", p)
 
 
+def test_ago_table_first_made_under_inference_mode():
+    cuda_cases.check_ago_table_first_made_under_inference_mode("cpu")
+
+
 def test_opcheck():
     cuda_cases.check_opcheck("cpu")
 
