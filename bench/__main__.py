@@ -78,6 +78,17 @@ def _list() -> int:
     return 0
 
 
+def _loadable_backends() -> list[str]:
+    loadable = []
+    for name in known_backends():
+        try:
+            get_backend(name)
+            loadable.append(name)
+        except (RuntimeError, ValueError):
+            pass
+    return loadable
+
+
 def _resolve_device(requested: str | None, preset: str) -> torch.device:
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -120,6 +131,8 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     variant_backends, variants_unavailable = [], None
     if args.triton_variants or preset.triton_variants:
         variant_backends, variants_unavailable = register_triton_variants()
+    # What decides which rows exist besides the code: rows of runs with other settings are not kept by --resume.
+    env["bench_settings"] = f"time_forced_only={args.time_forced_only}; backends={','.join(_loadable_backends())}"
     json_path = os.path.join(out_dir, "results.json")
     previous_rows, earlier_runs = [], []
     if (args.append or args.resume) and os.path.exists(json_path):
@@ -143,7 +156,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         "layer_sweeps": [dataclasses.asdict(s) for s in preset.layer_sweeps if s.group in parts],
         "ago": dataclasses.asdict(preset.ago) if preset.ago and "ago" in parts else None,
         "step": dataclasses.asdict(preset.step) if preset.step and "step" in parts else None,
-        "failed_parts": failed_parts, "lora_dropout": 0.0, "gate": "none", "layer_mode": "train()",
+        "failed_parts": failed_parts, "gate": "none", "layer_mode": "train()",
         "time_forced_only": forced, "budget_minutes": args.budget_minutes, "skipped_for_time": [],
         "kept_from_earlier_runs": sorted(done),
         "pinned_variant_backends": variant_backends, "pinned_variants_unavailable": variants_unavailable,

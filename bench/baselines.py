@@ -30,8 +30,9 @@ class DenseLoRALinear(nn.Module):
     Accepts any leading shape (..., in_features)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scaling: float
-    ):
+        self, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scaling: float,
+        dropout: float = 0.0,
+    ):  # fmt: skip
         super().__init__()
         if A.shape[1] != weight.shape[1] or B.shape != (weight.shape[0], A.shape[0]):
             raise ValueError(
@@ -43,24 +44,31 @@ class DenseLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(A.detach().clone())
         self.lora_B = nn.Parameter(B.detach().clone())
         self.scaling = float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA input, as peft does
 
     @classmethod
     def from_pool(cls, layer: FusedRank1PoolLinear) -> "DenseLoRALinear":
-        return cls(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+        return cls(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, _dropout_of(layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scaling * lora
+
+
+def _dropout_of(layer: FusedRank1PoolLinear) -> float:
+    return getattr(layer.dropout, "p", 0.0)
 
 
 def make_peft_lora(layer: FusedRank1PoolLinear) -> nn.Module:
     """peft's LoRA layer (lora.Linear) around a frozen nn.Linear with the pool layer's W, b, A, B and scaling
-    (lora_alpha = alpha, r = r, so peft's scaling alpha / r equals ours)."""
+    (lora_alpha = alpha, r = r, so peft's scaling alpha / r equals ours) and the same dropout on the LoRA input."""
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
     base = layer.to_linear().requires_grad_(False)
-    config = LoraConfig(r=layer.r, lora_alpha=layer.alpha, lora_dropout=0.0, target_modules=["base"])
-    peft_layer = PeftLoraLinear(base, "default", config, r=layer.r, lora_alpha=layer.alpha, lora_dropout=0.0)
+    dropout = _dropout_of(layer)
+    config = LoraConfig(r=layer.r, lora_alpha=layer.alpha, lora_dropout=dropout, target_modules=["base"])
+    peft_layer = PeftLoraLinear(base, "default", config, r=layer.r, lora_alpha=layer.alpha, lora_dropout=dropout)
     base.requires_grad_(False)  # peft's standalone constructor leaves the base trainable; LoRA training freezes it
     with torch.no_grad():
         peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
@@ -74,7 +82,8 @@ class OfficialPoolLinear(nn.Module):
     """The released code's way: per sample top-k on the router scores of token 0, the k experts most voted
     across the batch form S, then  y = x W^T + b + x (s B[:, S] A[S, :])^T  with Delta W (out, in) materialised
     every step. Routing is rank1_kernels.route(mode="batch", gate="none"), so S is the set our layer picks with
-    routing="batch"; activation counts are kept as the released code keeps them.
+    routing="batch"; activation counts are kept as the released code keeps them; the layer's dropout applies to the
+    input of the second GEMM (the LoRA input), as there.
 
     Input: (N, T, in) when batch_first, (T, N, in) when not; the routing token is token 0 of each sample."""
 
@@ -88,6 +97,7 @@ class OfficialPoolLinear(nn.Module):
         self.router = nn.Linear(layer.in_features, layer.r, device=layer.weight.device, dtype=layer.weight.dtype)
         self.router.load_state_dict(layer.router.state_dict())
         self.register_buffer("activation_counts", torch.zeros(layer.r, dtype=torch.int64, device=layer.weight.device))
+        self.dropout = nn.Dropout(_dropout_of(layer)) if _dropout_of(layer) > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
@@ -102,7 +112,7 @@ class OfficialPoolLinear(nn.Module):
             with torch.no_grad():
                 self.activation_counts.index_add_(0, shared, torch.ones_like(shared))
         delta_weight = (self.lora_B[:, shared] @ self.lora_A[shared, :]) * self.scaling  # (out, in), every step
-        return F.linear(x, self.weight, self.bias) + F.linear(x, delta_weight)
+        return F.linear(x, self.weight, self.bias) + F.linear(self.dropout(x), delta_weight)
 
 
 def ago_loss_loop(

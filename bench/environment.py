@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import importlib.metadata
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -53,6 +56,30 @@ def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+REPO = Path(__file__).resolve().parent.parent
+CODE_DIRS = ("rank1_kernels", "csrc", "bench")
+CODE_SUFFIXES = (".py", ".cu", ".cuh", ".cpp", ".h")
+
+
+def code_digest(root: Path = REPO) -> str:
+    """A digest of the sources whose behaviour a measurement depends on (the package, its CUDA sources and the
+    harness): rows of one commit measured from trees with different uncommitted edits differ here. It needs no
+    git, so it also holds on a copy of the work tree without .git."""
+    digest = hashlib.sha256()
+    for directory in CODE_DIRS:
+        for path in sorted((root / directory).rglob("*")):
+            if path.suffix in CODE_SUFFIXES and path.is_file() and "__pycache__" not in path.parts:
+                digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -108,6 +135,10 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "commit": commit,
         "tree_dirty": None if status is None else bool(status),
+        "code_digest": code_digest(),
+        # The baselines' own code: peft's LoRA forward changed between releases; open_clip builds the step's model.
+        "peft": _version("peft"),
+        "open_clip": _version("open_clip_torch"),
         "torch_threads": torch.get_num_threads(),
         # Other processes competing for the CPU at the start (1, 5, 15 min); high values mean noisy CPU timings.
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,

@@ -7,7 +7,9 @@ ViT-B/16 shapes that takes longer than the kernels take on an H100, so a step is
 host path alone. By default the Triton kernels are swapped for no-ops. With --launch-path each kernel call goes
 through Triton's own launch path instead (binding and specializing the arguments, the cache lookup) up to the driver
 launch, for a stand-in sm_90 device; the kernels are compiled for sm_90 on first use (minutes). On a GPU, the bench's
-`events` rows minus its `cuda-graph` rows give the whole host cost.
+`events` rows show about the larger of the host's time and the GPU's (the host issues a call while the GPU runs the
+one before), its `cuda-graph` rows the GPU's alone: where events exceed the CUDA graph, the host is the slower, by
+that much; where they agree, the host's time is hidden (and unmeasured there).
 
 Shapes are tiny, so the torch ops that do run cost their dispatch, as launches do on a GPU. The checks that read
 values back (finite routing scores, expert range) are switched off, as they are on a GPU by default. Compare

@@ -9,7 +9,8 @@ Methods (labels as they appear in the table):
 
 "forward" is the training forward (autograd records the graph); "backward" is torch.autograd.grad of a
 retained graph for the input and every trainable parameter (dx, dA, dB); "forward+backward" is both.
-All methods hold the same W, b, A, B (B random, not zero, so no work is skipped) and read the same buffers.
+All methods hold the same W, b, A, B (B random, not zero, so no work is skipped), apply the same dropout to the LoRA
+input (LayerSweep.dropout, 0 by default) and read the same buffers.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ class LayerSweep:
     routings: list[str] = dataclasses.field(default_factory=lambda: ["batch"])
     methods: list[str] = dataclasses.field(default_factory=lambda: [LINEAR, DENSE, PEFT, OFFICIAL, "pool"])
     cuda_graphs: bool = False
+    # Dropout on the LoRA input, the same for every method (the paper trains with 0.2; the fused kernels then read a
+    # second input, the dropped-out x).
+    dropout: float = 0.0
+    # The pool's backends to time (None: every known one, the bench-only pinned variants included).
+    backends: list[str] | None = None
+    # Groups ordered r first, then shape: a time-limited run gets every shape at the smallest r before any at the
+    # largest (shape first otherwise).
+    rank_major: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.dtypes) - set(DTYPES)
@@ -79,6 +88,8 @@ class LayerSweep:
         unknown = set(self.directions) - set(DIRECTIONS)
         if unknown:
             raise ValueError(f"unknown directions {sorted(unknown)}; expected some of {DIRECTIONS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout}: expected a probability in [0, 1)")
 
 
 def ideal_cost(
@@ -159,11 +170,15 @@ def backend_refusal(
     return op_refusal(name, "pool_linear", [t for t in tensors if t is not None], time_forced_only)
 
 
-def _prototype(shape: LayerShape, r: int, k: int, routing: str, dtype: torch.dtype, device: torch.device, seed: int):
-    """The pool layer whose W, b, A, B, router every method copies. B is random (not zero) so no work is skipped."""
+def _prototype(
+    shape: LayerShape, r: int, k: int, routing: str, dtype: torch.dtype, device: torch.device, seed: int,
+    dropout: float = 0.0,
+):  # fmt: skip
+    """The pool layer whose W, b, A, B, router and dropout every method copies. B is random (not zero) so no work is
+    skipped."""
     torch.manual_seed(seed)
     layer = FusedRank1PoolLinear(
-        shape.in_features, shape.out_features, r=r, k=k, routing=routing, device=device, dtype=dtype
+        shape.in_features, shape.out_features, r=r, k=k, routing=routing, dropout=dropout, device=device, dtype=dtype
     )
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
@@ -190,13 +205,15 @@ class LayerBenchmark:
         # One group per (shape, dtype, r), each with its own nn.Linear row to compare against: a group's rows are
         # written when it ends, so groups are kept small enough (about a hundred timings at ViT-B/16 on a GPU) that
         # a time-limited call finishes some, and a resumed one moves forward.
-        for shape in sweep.shapes:
-            for dtype_name in sweep.dtypes:
-                for r in sweep.ranks:
-                    what = (f"layer [{sweep.group}] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->"
-                            f"{shape.out_features} {dtype_name} r={r}")  # fmt: skip
-                    if self.budget.allows(what):
-                        yield from self._run_group(sweep, shape, dtype_name, r)
+        if sweep.rank_major:
+            order = [(shape, dtype, r) for r in sweep.ranks for shape in sweep.shapes for dtype in sweep.dtypes]
+        else:
+            order = [(shape, dtype, r) for shape in sweep.shapes for dtype in sweep.dtypes for r in sweep.ranks]
+        for shape, dtype_name, r in order:
+            what = (f"layer [{sweep.group}] {shape.model} {shape.layer} {shape.rows}x{shape.in_features}->"
+                    f"{shape.out_features} {dtype_name} r={r}")  # fmt: skip
+            if self.budget.allows(what):
+                yield from self._run_group(sweep, shape, dtype_name, r)
 
     def _run_group(self, sweep: LayerSweep, shape: LayerShape, dtype_name: str, r: int) -> Iterable[dict]:
         dtype = DTYPES[dtype_name]
@@ -221,7 +238,7 @@ class LayerBenchmark:
         base = dict(
             section="layer", group=sweep.group, model=shape.model, layer=shape.layer, n_samples=shape.n_samples,
             tokens_per_sample=shape.tokens_per_sample, rows=shape.rows, in_features=shape.in_features,
-            out_features=shape.out_features, dtype=dtype_name, n_buffers=n_buffers, group_r=r,
+            out_features=shape.out_features, dtype=dtype_name, n_buffers=n_buffers, group_r=r, dropout=sweep.dropout,
         )  # fmt: skip
         group_rows: list[dict] = []
         for method, rank, k, routing, backend, module_or_reason in self._methods(sweep, shape, dtype, inputs[0], r):
@@ -247,11 +264,11 @@ class LayerBenchmark:
     def _methods(self, sweep: LayerSweep, shape: LayerShape, dtype: torch.dtype, example: torch.Tensor, r: int):
         """(method, r, k, routing, backend, module or refusal reason) for every method of the sweep at rank r, and
         nn.Linear (the same base weight whatever r: the prototypes draw it first from one seed)."""
-        seed = 1234
+        seed, dropout = 1234, sweep.dropout
         if LINEAR in sweep.methods:
             prototype = _prototype(shape, sweep.ranks[0], 1, "batch", dtype, self.device, seed)
             yield LINEAR, None, None, None, None, prototype.to_linear().requires_grad_(False)
-        prototype = _prototype(shape, r, 1, "batch", dtype, self.device, seed)
+        prototype = _prototype(shape, r, 1, "batch", dtype, self.device, seed, dropout)
         if DENSE in sweep.methods:
             yield DENSE, r, None, None, None, DenseLoRALinear.from_pool(prototype)
         if PEFT in sweep.methods:
@@ -260,17 +277,19 @@ class LayerBenchmark:
             if k > r:
                 continue
             for routing in sweep.routings:
-                prototype = _prototype(shape, r, k, routing, dtype, self.device, seed)
+                prototype = _prototype(shape, r, k, routing, dtype, self.device, seed, dropout)
                 if OFFICIAL in sweep.methods and routing == "batch":
                     yield OFFICIAL, r, k, "batch", None, OfficialPoolLinear(prototype)
                 if "pool" not in sweep.methods:
                     continue
                 for backend in known_backends():
+                    if sweep.backends is not None and backend not in sweep.backends:
+                        continue
                     reason = backend_refusal(backend, prototype, example, self.time_forced_only)
                     if reason is not None:
                         yield "pool", r, k, routing, backend, reason
                         continue
-                    layer = _prototype(shape, r, k, routing, dtype, self.device, seed)
+                    layer = _prototype(shape, r, k, routing, dtype, self.device, seed, dropout)
                     layer.backend = backend
                     yield "pool", r, k, routing, backend, layer
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from .ago_bench import AgoSweep
-from .layer import LayerShape, LayerSweep
+from .layer import LINEAR, OFFICIAL, PEFT, LayerShape, LayerSweep
 from .step import StepConfig
 from .timing import TimingConfig
 
@@ -66,21 +66,32 @@ def llm_4096() -> list[LayerShape]:
     ]
 
 
+# The grid of issue #3's speed targets (bench.report.TARGETS judges them): ViT-B/16 layers in bf16, r in {12, 64,
+# 256}, k in {4, 8}, batch routing, against nn.Linear, peft's LoRA and the official way; only the shipped backends.
+TARGET_RANKS, TARGET_TOP_KS = [12, 64, 256], [4, 8]
+
+
 def _gpu() -> Preset:
-    q_proj = vit_b16()[0]
+    q_proj, _, c_fc, _ = vit_b16()
     grid = dict(ranks=[12, 64, 256], top_ks=[4, 8, 16], dtypes=["bf16"], routings=["batch", "sample"], cuda_graphs=True)
     return Preset(
         name="gpu",
-        description="the full grid on one GPU: each model's layers in bf16 over r x k with CUDA graphs, fp16/fp32 "
-        "on ViT-B/16, a token sweep, AGO over 144 layers, a ViT-B/16 training step at batch 32",
-        timing=TimingConfig(warmup=5, min_samples=10, max_samples=50, target_seconds=0.05),
+        description="the full grid on one GPU: issue #3's target grid first (ViT-B/16, bf16, shipped backends), then "
+        "each model's layers in bf16 over r x k with CUDA graphs, LoRA dropout 0.2, fp16/fp32 on ViT-B/16, a token "
+        "sweep, AGO over 144 layers, a ViT-B/16 training step at batch 32",
+        timing=TimingConfig(warmup=5, min_samples=10, max_samples=50, target_seconds=0.05, warmup_seconds=0.025),
         layer_sweeps=[
+            LayerSweep(
+                "targets", vit_b16(), TARGET_RANKS, TARGET_TOP_KS, ["bf16"], methods=[LINEAR, PEFT, OFFICIAL, "pool"],
+                cuda_graphs=True, backends=["triton", "cuda"], rank_major=True,
+            ),  # fmt: skip
             LayerSweep("vit-b16", vit_b16(), **grid),
             LayerSweep("vit-l14", vit_l14(), **grid),
             LayerSweep("llm-4096", llm_4096(), **grid),
             LayerSweep(
                 "dtypes", vit_b16(), [12], [8], ["fp16", "fp32"], routings=["batch", "sample"], cuda_graphs=True
             ),
+            LayerSweep("dropout", [q_proj, c_fc], [12], [8], ["bf16"], cuda_graphs=True, dropout=0.2),
             LayerSweep(
                 "tokens",
                 [dataclasses.replace(q_proj, n_samples=n) for n in (1, 2, 4, 8, 16, 32, 64, 128)],

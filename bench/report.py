@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import shlex
 from collections import defaultdict
 from typing import Iterable
 
-from .layer import DIRECTIONS, LINEAR
+from .layer import DIRECTIONS, LINEAR, OFFICIAL, PEFT
 
 LAYER_KEY = ("group", "model", "layer", "rows", "in_features", "out_features", "dtype", "timer")
 
@@ -135,6 +136,121 @@ def summary(rows: list[dict], direction: str = "forward+backward") -> list[list[
 SUMMARY_HEADER = ["method", "timer", "cases", "vs nn.Linear (geomean)", "vs official, same r and k (geomean)"]
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerTarget:
+    """One of issue #3's layer targets: the pool's time against `against` in `direction`, for every ViT-B/16 layer
+    shape, r and k of the target grid. kind "ratio": pool / against <= bound; "speedup": against / pool >= bound."""
+
+    name: str
+    direction: str
+    against: str
+    bound: float
+    kind: str
+
+
+# Issue #3, on an H100/H200 in bf16 at ViT-B/16 shapes (32 x 197 tokens), r in {12, 64, 256}, k in {4, 8}. The issue
+# names no direction for the peft and official targets: training is what they speed up, so forward+backward.
+TARGETS = (
+    LayerTarget("forward <= 1.10x nn.Linear", "forward", LINEAR, 1.10, "ratio"),
+    LayerTarget("forward+backward <= 1.20x frozen nn.Linear", "forward+backward", LINEAR, 1.20, "ratio"),
+    LayerTarget(">= 1.5x faster than peft LoRA, same r (fwd+bwd)", "forward+backward", PEFT, 1.5, "speedup"),
+    LayerTarget(">= 2x faster than official, same r, k (fwd+bwd)", "forward+backward", OFFICIAL, 2.0, "speedup"),
+)
+TARGET_MODEL, TARGET_ROWS, TARGET_DTYPE, TARGET_RANKS, TARGET_TOP_KS = "vit-b16", 32 * 197, "bf16", (12, 64, 256), (4, 8)
+TARGET_BACKENDS = ("pool[triton]", "pool[cuda]")
+TARGET_GROUPS = ("targets", "vit-b16")  # where the grid's rows are, the dedicated part first
+AGO_TARGET_LAYERS, AGO_TARGET_MS = 144, 0.050
+
+
+def _target_cases(rows: list[dict]) -> dict[tuple, dict]:
+    """(shape, r, k, direction, timer, method) -> row, for the target grid's rows (batch routing, no dropout); a
+    cell measured in both TARGET_GROUPS is taken from the first."""
+    cases: dict[tuple, dict] = {}
+    for group in reversed(TARGET_GROUPS):
+        for row in rows:
+            if (row["section"] == "layer" and row["group"] == group and row["model"] == TARGET_MODEL
+                    and row["rows"] == TARGET_ROWS and row["dtype"] == TARGET_DTYPE and not row.get("dropout")
+                    and row.get("routing") in (None, "batch") and row.get("group_r") in TARGET_RANKS
+                    and row["status"] == "ok"):  # fmt: skip
+                key = (_shape(row), row["group_r"], row["k"], row["direction"], row["timer"], row["method"])
+                cases[key] = row
+    return cases
+
+
+def _compare(pool: dict, base: dict, kind: str) -> tuple[float, float, float]:
+    """(median, low, high): the ratio or speed-up of medians, and its range over the 20-80% spreads of both."""
+    if kind == "ratio":
+        return (pool["median_ms"] / base["median_ms"], pool["p20_ms"] / base["p80_ms"],
+                pool["p80_ms"] / base["p20_ms"])  # fmt: skip
+    return base["median_ms"] / pool["median_ms"], base["p20_ms"] / pool["p80_ms"], base["p80_ms"] / pool["p20_ms"]
+
+
+def targets_table(rows: list[dict]) -> list[list[str]]:
+    """Per target, backend and timer: how many of the grid's cases were measured, passed (by the medians), how many
+    of those lie within the spread of the bound, and the worst case. Empty when no row of the grid exists."""
+    cases = _target_cases(rows)
+    shapes = list(dict.fromkeys(key[0] for key in cases))
+    timers = list(dict.fromkeys(key[4] for key in cases))
+    if not shapes:
+        return []
+    expected = len(shapes) * len(TARGET_RANKS) * len(TARGET_TOP_KS)
+    lines = []
+    for target in TARGETS:
+        for backend in TARGET_BACKENDS:
+            for timer in timers:
+                results = []
+                for shape in shapes:
+                    for r in TARGET_RANKS:
+                        for k in TARGET_TOP_KS:
+                            pool = cases.get((shape, r, k, target.direction, timer, backend))
+                            base_k = k if target.against == OFFICIAL else None
+                            base = cases.get((shape, r, base_k, target.direction, timer, target.against))
+                            if pool is not None and base is not None:
+                                results.append((_compare(pool, base, target.kind), f"{shape[1]} r={r} k={k}"))
+                lines.append(_target_line(target, backend, timer, results, expected))
+    return lines
+
+
+def _target_line(target: LayerTarget, backend: str, timer: str, results: list, expected: int) -> list[str]:
+    if not results:
+        return [target.name, backend, timer, f"0/{expected}", "-", "-", "-", "not measured"]
+    passes = (lambda value: value <= target.bound) if target.kind == "ratio" else (lambda v: v >= target.bound)
+    passed = [(values, case) for values, case in results if passes(values[0])]
+    unsure = sum(1 for (_, low, high), _ in results if passes(low) != passes(high))
+    worst_values, worst_case = (max if target.kind == "ratio" else min)(results, key=lambda item: item[0][0])
+    worst = f"{worst_values[0]:.2f}x [{worst_values[1]:.2f}-{worst_values[2]:.2f}] {worst_case}"
+    if len(passed) < len(results):
+        verdict = "FAIL"
+    else:
+        verdict = "PASS" if len(results) == expected else f"pass so far ({expected - len(results)} not measured)"
+    return [target.name, backend, timer, f"{len(results)}/{expected}", str(len(passed)), str(unsure), worst, verdict]
+
+
+TARGETS_HEADER = ["target", "method", "timer", "cases", "pass", "near bound", "worst [20-80% range]", "verdict"]
+
+
+def ago_target_table(rows: list[dict]) -> list[list[str]]:
+    """The grouped AGO loss over 144 layers, forward+backward, against the 50 us target, per backend and setting."""
+    lines = []
+    for row in rows:
+        if (row["section"] == "ago" and row["n_layers"] == AGO_TARGET_LAYERS and row["direction"] == "forward+backward"
+                and row["method"] in ("grouped[triton]", "grouped[cuda]") and row["status"] == "ok"):  # fmt: skip
+            median_us, p80_us = 1e3 * row["median_ms"], 1e3 * row["p80_ms"]
+            verdict = "PASS" if row["median_ms"] < AGO_TARGET_MS else "FAIL"
+            lines.append([row["method"], row["dtype"], str(row["previous_tasks"]), row["timer"],
+                          f"{median_us:.1f} us (p80 {p80_us:.1f})", verdict])  # fmt: skip
+    return lines
+
+
+AGO_TARGET_HEADER = ["method", "dtype", "previous tasks", "timer", "forward+backward", "verdict (< 50 us)"]
+TARGETS_EXPLAINED = (
+    "Issue #3's targets over ViT-B/16 shapes x r {12, 64, 256} x k {4, 8}, bf16, batch routing. 'pass' counts cases "
+    "by their medians; 'near bound' those whose 20-80% range crosses the bound; 'worst' the case furthest from it. "
+    "Timer 'events' times eager calls (the host's Python and launches where they take longer than the GPU), "
+    "'cuda-graph' the GPU alone."
+)
+
+
 def ago_table(rows: list[dict]) -> list[str]:
     members = [row for row in rows if row["section"] == "ago"]
     if not members:
@@ -202,21 +318,30 @@ def text_report(rows: list[dict], environment: dict) -> str:
         summary_lines = ["\n[summary] layers, forward+backward (token sweep excluded)"] + [
             "  " + line for line in _aligned(SUMMARY_HEADER, summary_lines)
         ]
-    return "\n".join([header, *layer_tables(rows), *ago_table(rows), *step_table(rows), *summary_lines]) + "\n"
+    target_lines = []
+    for title, header_cells, table in (("[targets] " + TARGETS_EXPLAINED, TARGETS_HEADER, targets_table(rows)),
+                                       ("[targets] the AGO loss", AGO_TARGET_HEADER, ago_target_table(rows))):
+        if table:
+            target_lines += ["\n" + title, *("  " + line for line in _aligned(header_cells, table))]
+    return "\n".join(
+        [header, *target_lines, *layer_tables(rows), *ago_table(rows), *step_table(rows), *summary_lines]
+    ) + "\n"
 
 
 # Where and when a row was measured: stamped on every row, so rows kept by --append keep their own.
-ROW_ENVIRONMENT = ("device", "torch", "triton", "commit", "tree_dirty", "date_utc")
+ROW_ENVIRONMENT = ("device", "torch", "triton", "commit", "tree_dirty", "code_digest", "bench_settings", "date_utc")
 
 
-# What must match for rows to be compared with each other (and for --resume to keep a group).
-PROVENANCE = ("commit", "device", "torch", "triton")
+# What must match for rows to be compared with each other (and for --resume to keep a group): the code (commit, and
+# the digest of the sources, which tells apart trees with different uncommitted edits), the device, the versions and
+# the run's settings (which backends were loaded, --time-forced-only).
+PROVENANCE = ("commit", "code_digest", "device", "torch", "triton", "bench_settings")
 
 
 def provenance(rows: list[dict]) -> list[str]:
-    """One line per distinct (commit, device, torch, triton) among the rows, with its row count and parts; empty when
-    every row comes from one: a resumed sweep can hold rows of several calls, and a header naming one commit would
-    credit them all to it."""
+    """One line per distinct PROVENANCE among the rows, with its row count and parts; empty when every row comes
+    from one: a resumed sweep can hold rows of several calls, and a header naming one commit would credit them all
+    to it."""
     runs: dict[tuple, dict] = {}
     for row in rows:
         key = tuple(row.get(field) for field in PROVENANCE)
@@ -226,9 +351,9 @@ def provenance(rows: list[dict]) -> list[str]:
     if len(runs) < 2:
         return []
     lines = [f"MIXED: the rows come from {len(runs)} runs; compare rows of one run only"]
-    for (commit, device, torch_version, triton_version), entry in runs.items():
-        lines.append(f"  commit {commit}, {device}, torch {torch_version}, triton {triton_version}: "
-                     f"{entry['rows']} rows (parts {', '.join(map(str, entry['parts']))})")  # fmt: skip
+    for key, entry in runs.items():
+        where = ", ".join(f"{field} {value}" for field, value in zip(PROVENANCE, key))
+        lines.append(f"  {where}: {entry['rows']} rows (parts {', '.join(map(str, entry['parts']))})")
     return lines
 
 
@@ -368,6 +493,13 @@ def markdown_readme(rows: list[dict], environment: dict, conditions: dict, files
         lines.append(f"- Note: {note}")
     lines += ["", "Times are medians; ratios are to nn.Linear on the same inputs (1.00 = the floor). "
               "Full rows (spread, memory, throughput) are in results.csv / results.json.", ""]  # fmt: skip
+    targets, ago_targets = targets_table(rows), ago_target_table(rows)
+    if targets or ago_targets:
+        lines += ["## Issue #3's speed targets", "", TARGETS_EXPLAINED, ""]
+        for header, table in ((TARGETS_HEADER, targets), (AGO_TARGET_HEADER, ago_targets)):
+            if table:
+                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(line) + " |" for line in table] + [""]
     summary_lines = summary(rows)
     if summary_lines:
         lines += ["## Summary: layers, forward+backward (geometric means; token sweep excluded)", ""]

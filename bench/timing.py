@@ -33,13 +33,15 @@ class Measurement:
 
 @dataclasses.dataclass
 class TimingConfig:
-    """warmup: untimed iterations first; min_samples/max_samples and target_seconds bound the timed iterations
-    (stop after target_seconds once min_samples are done)."""
+    """warmup: untimed iterations first, and at least warmup_seconds of them (a GPU's clocks ramp up over
+    milliseconds, longer than a few iterations of a 20 us kernel take); min_samples/max_samples and target_seconds
+    bound the timed iterations (stop after target_seconds once min_samples are done)."""
 
     warmup: int = 3
     min_samples: int = 5
     max_samples: int = 200
     target_seconds: float = 0.5
+    warmup_seconds: float = 0.0
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -58,10 +60,20 @@ def summarize(times_ms: list[float], peak_memory_mib: float | None = None) -> Me
     )  # fmt: skip
 
 
+def _warm_up(step: Step, n_buffers: int, config: TimingConfig, synchronize: Callable[[], object] = lambda: None):
+    """config.warmup iterations, then more until warmup_seconds have passed on the host clock (the device, which
+    ends its work later than the host issues it, is as busy at least); then waits for the device."""
+    started = time.perf_counter()
+    done = 0
+    while done < config.warmup or time.perf_counter() - started < config.warmup_seconds:
+        step(done % n_buffers)
+        done += 1
+    synchronize()
+
+
 def time_cpu(step: Step, n_buffers: int, config: TimingConfig) -> Measurement:
     """Wall-clock time of each iteration with time.perf_counter (CPU tensors: ops run synchronously)."""
-    for i in range(config.warmup):
-        step(i % n_buffers)
+    _warm_up(step, n_buffers, config)
     times_ms: list[float] = []
     started = time.perf_counter()
     while len(times_ms) < config.max_samples:
@@ -103,8 +115,7 @@ def _time_with_events(replay: Step, n_buffers: int, config: TimingConfig) -> lis
 
 def time_cuda(step: Step, n_buffers: int, config: TimingConfig) -> Measurement:
     """CUDA events around each iteration after warm-up; peak memory of one iteration."""
-    for i in range(config.warmup):
-        step(i % n_buffers)
+    _warm_up(step, n_buffers, config, torch.cuda.synchronize)
     peak = _cuda_peak_mib(lambda: step(0))
     return summarize(_time_with_events(step, n_buffers, config), peak)
 
@@ -131,8 +142,9 @@ def time_cuda_graph(step: Step, n_buffers: int, config: TimingConfig) -> Measure
     finally:
         # A failed capture leaves torch.cuda.graph's capture stream current (its exit stops at capture_end).
         torch.cuda.set_stream(caller_stream)
-    for graph in graphs:
+    for graph in graphs:  # every graph's first replay (it uploads the graph) happens here, untimed
         graph.replay()
+    _warm_up(lambda i: graphs[i].replay(), n_buffers, config, torch.cuda.synchronize)
     # No peak memory here: a graph's tensors live in its private pool, allocated at capture, not at replay.
     return summarize(_time_with_events(lambda i: graphs[i].replay(), n_buffers, config))
 

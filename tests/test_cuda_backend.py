@@ -170,11 +170,6 @@ def test_only_the_wanted_gradients_are_computed_on_gpu(cuda_ops):
 
 
 @pytest.mark.gpu
-def test_compiled_layer_on_gpu(cuda_ops):
-    cuda_cases.check_compiled_layer("cuda")
-
-
-@pytest.mark.gpu
 def test_ago_captures_in_a_cuda_graph_after_a_warm_up_step(cuda_ops):
     """The grouped AGO op keeps its per-layer tables (offsets and sizes, by the layers' shapes) on the device: after
     one warm-up step, forward and backward capture in a CUDA graph, with the masks made afresh every step as
@@ -199,3 +194,10 @@ def test_ago_captures_in_a_cuda_graph_after_a_warm_up_step(cuda_ops):
     torch.cuda.synchronize()
     for got, want in zip(captured, expected):
         assert torch.equal(got, want)
+
+
+# Last in the file: its first Inductor compile takes the longest of these tests, so a session's time limit that
+# cuts the run short loses only it.
+@pytest.mark.gpu
+def test_compiled_layer_on_gpu(cuda_ops):
+    cuda_cases.check_compiled_layer("cuda")
