@@ -79,7 +79,9 @@ def _gpu() -> Preset:
         description="the full grid on one GPU: issue #3's target grid first (ViT-B/16, bf16, shipped backends), then "
         "each model's layers in bf16 over r x k with CUDA graphs, LoRA dropout 0.2, fp16/fp32 on ViT-B/16, a token "
         "sweep, AGO over 144 layers, a ViT-B/16 training step at batch 32",
-        timing=TimingConfig(warmup=5, min_samples=10, max_samples=50, target_seconds=0.05, warmup_seconds=0.025),
+        timing=TimingConfig(
+            warmup=5, min_samples=10, max_samples=50, target_seconds=0.05, warmup_seconds=0.025, graph_iterations=8
+        ),
         layer_sweeps=[
             LayerSweep(
                 "targets", vit_b16(), TARGET_RANKS, TARGET_TOP_KS, ["bf16"], methods=[LINEAR, PEFT, OFFICIAL, "pool"],

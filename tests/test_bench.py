@@ -228,7 +228,14 @@ def test_graph_timer_captures_one_graph_per_buffer_and_replays_in_turn(monkeypat
     assert captured == [0, 1, 2]
     assert replayed == [0, 1, 2] + [0] + [0, 1, 2, 0, 1], (
         "one untimed replay of each graph, the warm-up (1 iteration), then the timed ones in turn")
-    assert result.samples == 5 and result.peak_memory_mib is None
+    assert result.samples == 5 and result.peak_memory_mib is None and result.median_ms == 1.0
+
+    # Several iterations per graph: each graph runs consecutive buffers, and a replay's time is shared among them.
+    captured.clear()
+    config = TimingConfig(warmup=1, min_samples=5, max_samples=5, target_seconds=0.0, graph_iterations=4)
+    result = timing.time_cuda_graph(step, 3, config)
+    assert captured == [0, 1, 2, 0] + [1, 2, 0, 1] + [2, 0, 1, 2]
+    assert result.median_ms == 0.25
 
 
 class _RefusingBackend(backends.Backend):
