@@ -241,7 +241,10 @@ class LayerBenchmark:
             out_features=shape.out_features, dtype=dtype_name, n_buffers=n_buffers, group_r=r, dropout=sweep.dropout,
         )  # fmt: skip
         group_rows: list[dict] = []
+        floor = None
         for method, rank, k, routing, backend, module_or_reason in self._methods(sweep, shape, dtype, inputs[0], r):
+            if method == LINEAR:
+                floor = module_or_reason
             label = f"pool[{backend}]" if backend else method
             rank_for_cost = k if k is not None else (rank or 0)
             for direction in sweep.directions:
@@ -258,8 +261,24 @@ class LayerBenchmark:
                         flops, nbytes = ideal_cost(shape, rank_for_cost, direction, element_bytes, method == LINEAR)
                         self._add_throughput(result, flops, nbytes, dtype)
                     group_rows.append(result)
+        if floor is not None:
+            self._time_floor_again(floor, inputs, grads, group_rows)
         _add_ratios(group_rows)
         yield from group_rows
+
+    def _time_floor_again(self, floor: nn.Module, inputs, grads, group_rows: list[dict]) -> None:
+        """Time nn.Linear again after the group's other methods: the change of its median (clocks, heat, other load)
+        is recorded on every row of the same direction and timer as floor_drift, for the reports to flag. The ratios
+        stay against the first timing, taken before the methods they compare."""
+        for row in group_rows:
+            if row["method"] == LINEAR and row.get("status") == "ok":
+                again = self._measure(floor, inputs, grads, row["direction"], row["timer"] == "cuda-graph")
+                if again.get("status") != "ok":
+                    continue
+                drift = again["median_ms"] / row["median_ms"] - 1.0
+                for other in group_rows:
+                    if (other["direction"], other["timer"]) == (row["direction"], row["timer"]):
+                        other["floor_drift"] = drift
 
     def _methods(self, sweep: LayerSweep, shape: LayerShape, dtype: torch.dtype, example: torch.Tensor, r: int):
         """(method, r, k, routing, backend, module or refusal reason) for every method of the sweep at rank r, and

@@ -78,7 +78,14 @@ def layer_tables(rows: list[dict]) -> list[str]:
             groups[tuple(row[key] for key in LAYER_KEY)].append(row)
     for key, members in groups.items():
         group, model, layer, n_rows, d_in, d_out, dtype, timer = key
-        out.append(f"\n[{group}] {model} {layer}: {n_rows} tokens, {d_in} -> {d_out}, {dtype}, timer {timer}")
+        dropout = f", LoRA dropout {members[0]['dropout']}" if members[0].get("dropout") else ""
+        out.append(f"\n[{group}] {model} {layer}: {n_rows} tokens, {d_in} -> {d_out}, {dtype}{dropout}, timer {timer}")
+        drifts = {row["direction"]: row["floor_drift"] for row in members
+                  if row.get("floor_drift") is not None and abs(row["floor_drift"]) > FLOOR_DRIFT_FLAGGED}  # fmt: skip
+        if drifts:
+            out.append("  DRIFT: nn.Linear timed again after the group changed by "
+                       + ", ".join(f"{100 * drift:+.1f}% ({direction})" for direction, drift in drifts.items())
+                       + ": its ratios are that uncertain")  # fmt: skip
         by_method: dict[tuple, dict[str, dict]] = defaultdict(dict)
         for row in members:
             by_method[_method_key(row)][row["direction"]] = row
@@ -99,6 +106,10 @@ def layer_tables(rows: list[dict]) -> list[str]:
         )
         out.extend(dict.fromkeys(refusals))
     return out
+
+
+# A floor that changed by more than this between the start and the end of its group is flagged in the tables.
+FLOOR_DRIFT_FLAGGED = 0.02
 
 
 def _geomean(values: list[float]) -> float:
@@ -198,7 +209,7 @@ def targets_table(rows: list[dict]) -> list[list[str]]:
     for target in TARGETS:
         for backend in TARGET_BACKENDS:
             for timer in timers:
-                results = []
+                results, drifts = [], []
                 for shape in shapes:
                     for r in TARGET_RANKS:
                         for k in TARGET_TOP_KS:
@@ -207,7 +218,10 @@ def targets_table(rows: list[dict]) -> list[list[str]]:
                             base = cases.get((shape, r, base_k, target.direction, timer, target.against))
                             if pool is not None and base is not None:
                                 results.append((_compare(pool, base, target.kind), f"{shape[1]} r={r} k={k}"))
-                lines.append(_target_line(target, backend, timer, results, expected))
+                                drifts.append(abs(pool.get("floor_drift") or 0.0))
+                line = _target_line(target, backend, timer, results, expected)
+                drift = f"{100 * max(drifts):.1f}%" if drifts else "-"
+                lines.append(line[:-1] + [drift, line[-1]])
     return lines
 
 
@@ -226,7 +240,8 @@ def _target_line(target: LayerTarget, backend: str, timer: str, results: list, e
     return [target.name, backend, timer, f"{len(results)}/{expected}", str(len(passed)), str(unsure), worst, verdict]
 
 
-TARGETS_HEADER = ["target", "method", "timer", "cases", "pass", "near bound", "worst [20-80% range]", "verdict"]
+TARGETS_HEADER = ["target", "method", "timer", "cases", "pass", "near bound", "worst [20-80% range]",
+                  "floor drift (max)", "verdict"]  # fmt: skip
 
 
 def ago_target_table(rows: list[dict]) -> list[list[str]]:
@@ -245,7 +260,8 @@ def ago_target_table(rows: list[dict]) -> list[list[str]]:
 AGO_TARGET_HEADER = ["method", "dtype", "previous tasks", "timer", "forward+backward", "verdict (< 50 us)"]
 TARGETS_EXPLAINED = (
     "Issue #3's targets over ViT-B/16 shapes x r {12, 64, 256} x k {4, 8}, bf16, batch routing. 'pass' counts cases "
-    "by their medians; 'near bound' those whose 20-80% range crosses the bound; 'worst' the case furthest from it. "
+    "by their medians; 'near bound' those whose 20-80% range crosses the bound; 'worst' the case furthest from it; "
+    "'floor drift' how much nn.Linear's time changed from the start to the end of a case's group. "
     "Timer 'events' times eager calls (the host's Python and launches where they take longer than the GPU), "
     "'cuda-graph' the GPU alone."
 )

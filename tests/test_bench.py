@@ -63,6 +63,13 @@ def test_every_method_applies_the_layers_dropout_to_the_lora_input():
                        directions=["forward"], dropout=0.2)  # fmt: skip
     rows = list(LayerBenchmark(torch.device("cpu"), TimingConfig(1, 2, 2, 0.0), None, log=lambda message: None).run(sweep))
     assert rows and all(row["dropout"] == 0.2 for row in rows)
+    # nn.Linear is timed again after the group: its drift is on every row of the group, and flagged when large.
+    assert all(isinstance(row["floor_drift"], float) for row in rows if row["status"] == "ok")
+    from bench import report
+
+    for row in rows:
+        row["floor_drift"] = 0.05
+    assert "DRIFT: nn.Linear timed again after the group changed by +5.0% (forward)" in "\n".join(report.layer_tables(rows))
     with pytest.raises(ValueError, match=r"dropout 1.0: expected a probability in \[0, 1\)"):
         LayerSweep("drop", [], [4], [2], ["fp32"], dropout=1.0)
 
@@ -545,7 +552,7 @@ def test_targets_are_judged_case_by_case_from_the_grid_rows():
     slow.update(median_ms=1.3, p20_ms=1.3, p80_ms=1.3)
     forward = {line[0]: line for line in report.targets_table(rows) if line[1] == "pool[triton]"}[
         "forward <= 1.10x nn.Linear"]
-    assert forward[3:5] == ["12/12", "11"] and forward[-1] == "FAIL"
+    assert forward[3:5] == ["12/12", "11"] and forward[-1] == "FAIL" and forward[7] == "0.0%"
     assert forward[5] == "11", "every case with a 10% spread around 1.05x crosses 1.10x"
     assert forward[6].startswith("1.30x") and "mlp.c_fc r=256 k=8" in forward[6]
 
