@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 
 import torch
 import torch.nn as nn
@@ -85,8 +86,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temporary = _new_temporary(directory, os.path.basename(path))
+    mode = stat.S_IMODE(os.stat(temporary).st_mode)  # open()'s mode under this umask, read without setting it
     try:
         write(temporary)
+        if stat.S_IMODE(os.stat(temporary).st_mode) != mode:
+            os.chmod(temporary, mode)  # a writer that made the file anew (safetensors' save_file makes it 0600)
         _fsync(temporary)
         os.replace(temporary, path)
     except BaseException:

@@ -140,13 +140,18 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path):
+    from safetensors.torch import save_file
+
     previous = os.umask(0o022)
     try:
         atomic_write(tmp_path / "shared.bin", lambda temporary: pathlib.Path(temporary).write_bytes(b"x"))
+        # safetensors makes its file anew, mode 0600, whatever file was there
+        atomic_write(tmp_path / "tensors.safetensors", lambda temporary: save_file({"t": torch.zeros(2)}, temporary))
         (tmp_path / "plain.bin").write_bytes(b"x")
     finally:
         os.umask(previous)
     assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "tensors.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_lifecycle_runs_tasks_and_its_state_round_trips():
