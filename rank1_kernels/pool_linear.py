@@ -33,8 +33,12 @@ def rank1_pool_linear_ref(
     n_rows, d_in = x.shape
     n_samples = n_rows // tokens_per_sample
     shrink_input = x if lora_input is None else lora_input
-    A_selected = A[idx]  # (n_samples, k, d_in)
-    B_selected = B.t()[idx]  # (n_samples, k, d_out)
+    # index_select, not A[idx]: the backward of advanced indexing accumulates repeated indices (samples choosing the
+    # same expert) in a thread-dependent order on CPU, so gradients, and a continual run, changed from run to run;
+    # index_select's backward (index_add) sums them in a fixed order there.
+    n_selected = idx.numel()
+    A_selected = A.index_select(0, idx.reshape(n_selected)).view(n_samples, idx.shape[1], d_in)
+    B_selected = B.index_select(1, idx.reshape(n_selected)).t().reshape(n_samples, idx.shape[1], B.shape[0])
     hidden = torch.bmm(shrink_input.reshape(n_samples, tokens_per_sample, d_in), A_selected.transpose(1, 2))
     hidden = hidden * (gates * scaling).unsqueeze(1)  # (n_samples, tokens_per_sample, k)
     update = torch.bmm(hidden, B_selected).reshape(n_rows, B.shape[0])

@@ -102,6 +102,28 @@ def test_pool_linear_matches_an_explicit_per_row_sum():
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
 
 
+def test_pool_linear_ref_gradients_are_the_same_bits_every_time():
+    """Many samples choosing the same experts: the gradients of A and B sum repeated indices. Advanced indexing's
+    backward summed them in a thread-dependent order on CPU, so two same-seed continual runs differed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256 * 3, 768, generator=g, requires_grad=True)
+    weight = torch.randn(64, 768, generator=g)
+    A = torch.randn(12, 768, generator=g, requires_grad=True)
+    B = torch.randn(64, 12, generator=g, requires_grad=True)
+    idx = torch.randint(0, 12, (256, 8), generator=g)
+    gates = torch.rand(256, 8, generator=g, requires_grad=True)
+    upstream = torch.randn(256 * 3, 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        runs = [torch.autograd.grad(rank1_pool_linear_ref(x, weight, None, A, B, idx, gates, 0.5, 3), (x, A, B, gates),
+                                    upstream) for _ in range(10)]  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(got, first) for got, first in zip(run, runs[0]))
+
+
 def test_all_experts_with_unit_gates_is_dense_lora():
     x, weight, bias, A, B, _, _ = _random_pool(3, 4, 9, 6, 5, 5)
     idx = torch.arange(5).repeat(3, 1)
