@@ -143,6 +143,10 @@ def test_config_file_and_overrides(tmp_path):
         ({"eval.xtail_template": "a photo."}, "must hold one '\\{\\}' for the class name"),
         ({"data.benchmark": "xtail", "data.data_root": "/d", "data.tasks": ["DTD", "CIFAR100"]},
          "CIFAR100, which X-TAIL's 10 domains leave out"),
+        ({"train.seed": -1}, "train.seed=-1 must be in \\[0, 2\\*\\*32\\)"),
+        ({"train.seed": 2**32}, "train.seed=4294967296 must be in"),
+        ({"train.ago_weight": -1.0}, "train.ago_weight=-1.0 must be >= 0"),
+        ({"train.shots": "all"}, "train.shots='all' has the wrong type; expected int or none"),
     ],
 )
 def test_bad_configs_name_the_problem(overrides, message):
@@ -161,3 +165,16 @@ def test_bad_config_files(tmp_path):
         load_config(tmp_path / "run.yaml")
     with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
         parse_assignments(["iterations"])
+    # Each names the file: a syntax error, a top level that is not a table of sections, a directory.
+    (tmp_path / "broken.toml").write_text("[train\niterations = 3")
+    with pytest.raises(ValueError, match="broken.toml' is not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+    (tmp_path / "broken.json").write_text('{"train": {"iterations": 3}')
+    with pytest.raises(ValueError, match="broken.json' is not valid JSON"):
+        load_config(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json' holds a list; expected an object of sections"):
+        load_config(tmp_path / "list.json")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        load_config(tmp_path / "folder.json")

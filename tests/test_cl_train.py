@@ -1,5 +1,6 @@
 """rank1_cl end to end on the tiny CLIP (CPU): a 2-task run, resume equality, the parameter report, the CLI."""
 
+import io
 import json
 import os
 
@@ -138,6 +139,79 @@ def test_resume_refuses_a_changed_config(tmp_path):
         run_continual(tiny_config(tmp_path, **{"run.resume": True, "train.method": "full"}), progress=False)
 
 
+def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path):
+    """Two runs on one directory overwrote each other's checkpoints and results; the first holds a lock now."""
+    from rank1_cl.checkpoint import RunDirectoryInUse, lock_run_directory, unlock_run_directory
+
+    held = lock_run_directory(str(tmp_path))
+    try:
+        for settings in ({}, {"run.resume": True}):
+            with pytest.raises(RunDirectoryInUse, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+                run_continual(tiny_config(tmp_path, **settings), progress=False)
+    finally:
+        unlock_run_directory(held)
+    assert not (tmp_path / "checkpoints").exists()
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(OSError, match="cannot be written"):
+        run_continual(tiny_config(file / "run"), progress=False)
+
+
+def test_results_are_written_after_every_task_and_an_earlier_run_is_never_overwritten(tmp_path):
+    run_continual(tiny_config(tmp_path, **{"run.stop_after_task": 1, "run.checkpoints": False}), progress=False)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert len(written["matrices"]["mtil"]) == 1 and written["metrics"]["mtil"]["complete"] is False
+    assert (tmp_path / "accuracy_mtil.csv").exists()
+    with pytest.raises(FileExistsError, match="holds an earlier run"):  # results.json, even without checkpoints
+        run_continual(tiny_config(tmp_path, **{"run.checkpoints": False}), progress=False)
+
+
+def test_resume_without_latest_json_and_from_damaged_checkpoints(tmp_path):
+    """latest.json gone (deleted, or a crash before the first one): the last task directory with a state.pt is
+    resumed, not the run started over on top of it. Damaged files are refused naming the file and the way out,
+    and leftover temporaries of a killed write are removed."""
+    whole = run_continual(tiny_config(tmp_path / "whole"), progress=False)
+    run_dir = tmp_path / "killed"
+    run_continual(tiny_config(run_dir, **{"run.stop_after_task": 1}), progress=False)
+    checkpoint_dir = run_dir / "checkpoints"
+    task_dir = checkpoint_dir / "task_00_shapes"
+    pristine = {path.name: path.read_bytes() for path in task_dir.iterdir()}
+    latest = (checkpoint_dir / "latest.json").read_bytes()
+
+    (checkpoint_dir / "latest.json").write_text('{"finished_tasks": 1}')
+    with pytest.raises(ValueError, match=r"latest.json is damaged \(KeyError"):
+        run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
+    (task_dir / "state.pt").write_bytes(pristine["state.pt"][:1000])
+    (checkpoint_dir / "latest.json").write_bytes(latest)
+    with pytest.raises(ValueError, match="state.pt is unreadable"):
+        run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"finished_tasks": 1, "rng": RunsCode()}, task_dir / "state.pt")
+    with pytest.raises(ValueError, match="state.pt is unreadable"):
+        run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
+    assert not marker.exists(), "loading a checkpoint must never execute code from it"
+    state = torch.load(io.BytesIO(pristine["state.pt"]), weights_only=True)
+    torch.save({key: value for key, value in state.items() if key != "rng"}, task_dir / "state.pt")
+    with pytest.raises(ValueError, match="is not a run's state"):
+        run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
+    (task_dir / "state.pt").write_bytes(pristine["state.pt"])
+    (task_dir / "adapters.safetensors").write_bytes(pristine["adapters.safetensors"][:100])
+    with pytest.raises(ValueError, match="adapters.safetensors is unreadable"):
+        run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
+
+    (task_dir / "adapters.safetensors").write_bytes(pristine["adapters.safetensors"])
+    (checkpoint_dir / "latest.json").unlink()
+    (checkpoint_dir / ".tmp-0123456789abcdef-latest.json").write_text("{")
+    resumed = run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
+    assert resumed.results["matrices"] == whole.results["matrices"]
+    assert not list(checkpoint_dir.glob(".tmp-*"))
+
+
 def test_resume_refuses_other_base_weights_under_the_same_name(tmp_path):
     """model.pretrained names a file (or tag) whose weights may have changed since (the demo, run again, pre-trains
     into the same path): the recorded merges belong to the old weights."""
@@ -250,6 +324,14 @@ def test_cli_params_and_errors(tmp_path, capsys):
         == 2
     )
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_demo_refuses_bad_arguments_before_pretraining(tmp_path, capsys):
+    for arguments, message in ((["--iterations", "0"], "train.iterations=0"), (["--pretrain-steps", "0"], "pretrain_steps=0"),
+                               (["--methods", "pool,pool"], "at most once")):  # fmt: skip
+        assert main(["demo", "--run-dir", str(tmp_path / "demo"), "--no-progress", *arguments]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists(), "refused before anything was pre-trained or written"
 
 
 def test_demo_command_runs(tmp_path, capsys):

@@ -122,7 +122,11 @@ def main(argv=None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 print(format_parameter_report(report))
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except KeyboardInterrupt:
+        resume = " (continue it with --resume)" if arguments.command == "train" else ""
+        print(f"rank1-cl {arguments.command}: interrupted; finished tasks are checkpointed{resume}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as error:  # OSError: a directory unwritable, full, missing or in use
         print(f"rank1-cl {arguments.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 
@@ -24,6 +25,8 @@ import torch.nn as nn
 
 from rank1_kernels import load_adapters, save_adapters
 from rank1_kernels.adapters import atomic_write
+
+logger = logging.getLogger("rank1_cl")
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -125,34 +128,127 @@ def save_checkpoint(directory: str, model: nn.Module, method: str, state: dict) 
     atomic_write(os.path.join(os.path.dirname(directory), LATEST), write_latest)
 
 
+WAY_OUT = "point checkpoints/latest.json at an earlier task's directory that holds a state.pt, or start a new run directory"
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The directory of the last finished task's checkpoint, or None when the run has none."""
-    path = os.path.join(run_dir, CHECKPOINT_DIR, LATEST)
+    """The directory of the last finished task's checkpoint, or None when the run has none. Without latest.json
+    (deleted, or a crash between the first task's state.pt and it), the last task directory holding a state.pt."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        latest = json.load(handle)
-    directory = os.path.join(run_dir, CHECKPOINT_DIR, latest["directory"])
+        finished = sorted(name for name in (os.listdir(root) if os.path.isdir(root) else [])
+                          if name.startswith("task_") and os.path.isfile(os.path.join(root, name, "state.pt")))  # fmt: skip
+        if not finished:
+            return None
+        logger.warning("%s is missing: resuming from the last task directory with a state.pt, %s", path, finished[-1])
+        return os.path.join(root, finished[-1])
+    try:
+        with open(path) as handle:
+            latest = json.load(handle)
+        directory = os.path.join(root, latest["directory"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path} is damaged ({type(error).__name__}: {error}); it should read "
+            f'{{"finished_tasks": N, "directory": "task_..."}}: {WAY_OUT}'
+        ) from error
     if not os.path.isfile(os.path.join(directory, "state.pt")):
-        raise FileNotFoundError(f"{path} points at {directory!r}, which has no state.pt; the checkpoint is damaged")
+        raise FileNotFoundError(f"{path} points at {directory!r}, which has no state.pt; {WAY_OUT}")
     return directory
+
+
+# What state.pt must hold for a run to continue from it (and what its results must hold).
+STATE_KEYS = ("finished_tasks", "rng", "results", "config")
+RESULTS_KEYS = ("tasks", "matrices", "zero_shot", "seconds_per_step", "final_loss", "merged_experts")
 
 
 def load_state(directory: str) -> dict:
     """state.pt, on the CPU (generator states must be CPU tensors; nothing in it is needed elsewhere). Read it, and
     check it (check_resumable), before load_model_part: a changed setting is then named as such, not reported as a
-    missing file or a shape mismatch."""
-    return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+    missing file or a shape mismatch. A file that cannot be read, holds anything but tensors and containers (the
+    weights-only unpickler refuses code), or lacks what a run needs is refused, naming it."""
+    path = os.path.join(directory, "state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated zip, random bytes, a pickle with code: all end the same way
+        raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__}: {_first_line(error)}); {WAY_OUT}") from error
+    problem = None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        problem = f"expected a dict with the keys {STATE_KEYS}"
+    elif not isinstance(state["results"], dict) or any(key not in state["results"] for key in RESULTS_KEYS):
+        problem = f"its results lack some of {RESULTS_KEYS}"
+    elif len(state["results"]["matrices"].get("mtil", [])) != state["finished_tasks"]:
+        problem = (f"it records {state['finished_tasks']} finished task(s) but "
+                   f"{len(state['results']['matrices'].get('mtil', []))} accuracy row(s)")  # fmt: skip
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is not a run's state: {problem}; {WAY_OUT}")
+    return state
 
 
 def load_model_part(directory: str, model: nn.Module, method: str, device="cpu") -> None:
-    """Restore the model part into a freshly built (and, for pool/lora, freshly injected) model."""
-    if method in ("pool", "lora"):
-        load_adapters(model, os.path.join(directory, "adapters.safetensors"))
-    else:
-        from safetensors.torch import load_file
+    """Restore the model part into a freshly built (and, for pool/lora, freshly injected) model; a file that cannot
+    be read is refused, naming it."""
+    name = "adapters.safetensors" if method in ("pool", "lora") else "model.safetensors"
+    path = os.path.join(directory, name)
+    try:
+        if method in ("pool", "lora"):
+            load_adapters(model, path)
+        else:
+            from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)))
+            model.load_state_dict(load_file(path, device=str(device)))
+    except ValueError as error:  # the adapters' own refusals (another base model, ...): their words, with the file
+        raise ValueError(f"checkpoint {path}: {error}") from error
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__}: {_first_line(error)}); {WAY_OUT}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:300]
+
+
+class RunDirectoryInUse(OSError):
+    """Another run holds the run directory's lock."""
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_run_directory(run_dir: str) -> int:
+    """Make the run directory, check that it is writable, and take its lock for the whole run (rank 0): a second run
+    on the same directory would overwrite the first's checkpoints and results. Leftover temporary files of a run
+    killed while writing are removed (no other run can be writing: the lock is ours). Returns the lock's descriptor
+    (unlock_run_directory releases it; the system does when the process ends, however it ends)."""
+    import fcntl
+
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        descriptor = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise OSError(f"run directory {run_dir!r} cannot be written ({error.strerror or error}); choose another --run-dir") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise RunDirectoryInUse(
+            f"run directory {run_dir!r} is in use by another run (pid {holder}); wait for it to end, or choose "
+            f"another --run-dir"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            if name.startswith(".tmp-"):  # atomic_write's temporaries
+                os.remove(os.path.join(root, name))
+    return descriptor
+
+
+def unlock_run_directory(descriptor: int) -> None:
+    import fcntl
+
+    fcntl.flock(descriptor, fcntl.LOCK_UN)
+    os.close(descriptor)
 
 
 def base_fingerprint(model: nn.Module) -> str:

@@ -168,8 +168,11 @@ class CLConfig:
             raise ValueError(
                 f"train.lr={self.train.lr}, train.min_lr={self.train.min_lr}: expected 0 <= min_lr <= lr, lr > 0"
             )
-        if self.train.weight_decay < 0 or self.train.ago_weight < 0:
-            raise ValueError("train.weight_decay and train.ago_weight must be >= 0")
+        for key, value in (("train.weight_decay", self.train.weight_decay), ("train.ago_weight", self.train.ago_weight)):
+            if value < 0:
+                raise ValueError(f"{key}={value} must be >= 0")
+        if not 0 <= self.train.seed < 2**32:  # numpy's seeds
+            raise ValueError(f"train.seed={self.train.seed} must be in [0, 2**32)")
         if self.train.shots is not None:
             _at_least("train.shots", self.train.shots, 1)
         _at_least("train.log_every", self.train.log_every, 1)
@@ -230,7 +233,10 @@ def _coerce(key: str, value: Any, annotation) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         inner = next(a for a in typing.get_args(annotation) if a is not type(None))
-        return _coerce(key, value, inner)
+        try:
+            return _coerce(key, value, inner)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} has the wrong type; expected {inner.__name__} or none") from None
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -315,6 +321,8 @@ def parse_assignments(assignments) -> dict:
 def read_config_file(path: str | os.PathLike) -> dict:
     """A JSON (.json) or TOML (.toml) file as a nested dict."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"config file {path!r} is a directory; expected a .json or .toml file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     if path.endswith(".toml"):
@@ -328,12 +336,25 @@ def read_config_file(path: str | os.PathLike) -> dict:
                     f"config file {path!r}: reading TOML needs Python 3.11+ or `pip install tomli`; or write it as .json"
                 ) from None
 
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    if path.endswith(".json"):
-        with open(path) as handle:
-            return json.load(handle)
-    raise ValueError(f"config file {path!r}: expected a .json or .toml file")
+        try:
+            with open(path, "rb") as handle:
+                values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {path!r} is not valid TOML: {error}") from None
+    elif path.endswith(".json"):
+        try:
+            with open(path) as handle:
+                values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path!r} is not valid JSON: {error}") from None
+    else:
+        raise ValueError(f"config file {path!r}: expected a .json or .toml file")
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"config file {path!r} holds a {type(values).__name__}; expected an object of sections "
+            f"(model, pool, train, data, eval, run)"
+        )
+    return values
 
 
 def load_config(

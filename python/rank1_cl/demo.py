@@ -27,7 +27,7 @@ from .data import SYNTHETIC_DOMAINS, synthetic_split, synthetic_tasks
 from .losses import label_aware_contrastive_loss
 from .metrics import format_matrix, summarize
 from .model import TINY_MODEL, create_clip
-from .trainer import clear_checkpoints, run_continual, seed_everything
+from .trainer import clear_run_directory, run_continual, seed_everything
 
 logger = logging.getLogger("rank1_cl")
 
@@ -123,17 +123,24 @@ def run_demo(run_dir: str = "runs/demo", iterations: int = 60, shots: int = 5, s
     """The whole demo; returns the summary (also written to <run_dir>/summary.json and summary.csv).
     domains: a subset of the synthetic domains, in order (default: all five; the pre-training always sees all)."""
     started = time.perf_counter()
-    os.makedirs(run_dir, exist_ok=True)
+    methods = list(methods)
+    repeated = sorted({method for method in methods if methods.count(method) > 1})
+    if repeated or not methods:
+        raise ValueError(f"methods {methods}: expected each of pool, lora, full at most once, and at least one")
+    if pretrain_steps < 1:
+        raise ValueError(f"pretrain_steps={pretrain_steps}: expected at least 1 pre-training step")
     pretrained = os.path.join(run_dir, "pretrained", f"{TINY_MODEL}.safetensors")
+    # Every method's settings are checked before minutes of pre-training, not after.
+    configs = [demo_config(m, run_dir, pretrained, iterations, shots, seed, test_per_class, domains) for m in methods]
+    os.makedirs(run_dir, exist_ok=True)
     echo(f"[1/2] pre-training a tiny CLIP ({pretrain_steps} steps) on a separate slice of the synthetic domains")
     pretraining = pretrain_tiny_clip(pretrained, seed, pretrain_steps, progress=progress)
     echo(f"      done in {pretraining['seconds']:.0f} s (loss {pretraining['final_loss']:.3f}); saved to {pretrained}")
     task_names = [task.name for task in synthetic_tasks(domains, train_per_class=1, test_per_class=1, seed=seed)]
     echo(f"[2/2] continual sequence {' -> '.join(task_names)}: {iterations} iterations per task, {shots}-shot")
     rows = []
-    for method in methods:
-        config = demo_config(method, run_dir, pretrained, iterations, shots, seed, test_per_class, domains)
-        clear_checkpoints(config.run.run_dir)
+    for method, config in zip(methods, configs):
+        clear_run_directory(config.run.run_dir)
         output = run_continual(config, progress=progress)
         results = output.results
         matrix = results["matrices"]["mtil"]

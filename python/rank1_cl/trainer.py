@@ -259,13 +259,52 @@ def run_continual(
     progress: bool = True,
 ) -> RunOutput:  # fmt: skip
     """Run (or, with run.resume, continue) the task sequence of `config`; rank 0 writes results and checkpoints
-    under run.run_dir. `tasks` replaces the configured benchmark (tests, the demo)."""
+    under run.run_dir, holding its lock (a second run on the same directory is refused). `tasks` replaces the
+    configured benchmark (tests, the demo)."""
     config.validate()
     if config.data.benchmark != "synthetic" and config.model.pretrained is None:
         logger.warning("model.pretrained is None: %s starts from random weights; the paper starts from CLIP's "
                        "(--pretrained openai)", config.model.name)  # fmt: skip
     context = context or init_distributed(config.model.device)
+    lock, refusal = None, None
+    if context.is_main:
+        try:
+            lock = checkpoints.lock_run_directory(config.run.run_dir)
+        except (checkpoints.RunDirectoryInUse, OSError) as error:
+            refusal = error
+    if _on_main_rank(context, lambda: refusal is not None):
+        raise refusal or checkpoints.RunDirectoryInUse(f"rank 0 could not take {config.run.run_dir!r}: see its error")
+    try:
+        return _run_locked(config, tasks, context, progress)
+    finally:
+        if lock is not None:
+            checkpoints.unlock_run_directory(lock)
+
+
+def _resume_state(config: CLConfig, context: DistContext) -> tuple[Optional[str], Optional[dict]]:
+    """(checkpoint directory, its state) to resume from, or (None, None) to start afresh. Read and checked against
+    the configuration before any model or dataset is built; an existing run is refused unless resuming."""
+    run_dir = config.run.run_dir
+    if not config.run.resume:
+        earlier = [os.path.join(run_dir, name) for name in (checkpoints.CHECKPOINT_DIR, "results.json")]
+        if _on_main_rank(context, lambda: any(os.path.exists(path) for path in earlier)):
+            raise FileExistsError(
+                f"{run_dir} holds an earlier run (its checkpoints or results.json); pass --resume to continue it, "
+                f"or choose another --run-dir"
+            )
+        return None, None
+    directory = checkpoints.latest_checkpoint(run_dir)
+    if directory is None:
+        logger.info("no checkpoint under %s: starting from the first task", run_dir)
+        return None, None
+    state = checkpoints.load_state(directory)
+    checkpoints.check_resumable(state["config"], config.to_dict())
+    return directory, state
+
+
+def _run_locked(config: CLConfig, tasks: Optional[Sequence[Task]], context: DistContext, progress: bool) -> RunOutput:
     method, run_dir = config.train.method, config.run.run_dir
+    resume_directory, state = _resume_state(config, context)
     seed_everything(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer = create_clip(config.model, config.train.seed, context.device)
     base_fingerprint = checkpoints.base_fingerprint(model) if config.run.checkpoints or config.run.resume else None
@@ -293,35 +332,23 @@ def run_continual(
         "seconds_per_step": [], "final_loss": [], "merged_experts": [],
     }  # fmt: skip
     start_task = 0
-    checkpoint_root = os.path.join(run_dir, checkpoints.CHECKPOINT_DIR)
-    if config.run.resume:
-        directory = checkpoints.latest_checkpoint(run_dir)
-        if directory is None:
-            logger.info("no checkpoint under %s: starting from the first task", run_dir)
-        else:
-            state = checkpoints.load_state(directory)
-            checkpoints.check_resumable(state["config"], config.to_dict())
-            if state["results"]["tasks"] != task_names:
-                raise ValueError(f"cannot resume: the checkpoint's tasks {state['results']['tasks']} != {task_names}")
-            saved_fingerprint = state.get("base_fingerprint")
-            if saved_fingerprint is not None and saved_fingerprint != base_fingerprint:
-                raise ValueError(
-                    f"cannot resume: the base model's weights differ from the checkpointed run's (model.pretrained="
-                    f"{config.model.pretrained!r} now holds other weights); its merges belong to the old weights. "
-                    f"Start a new run directory"
-                )
-            checkpoints.load_model_part(directory, model, method, context.device)
-            if lifecycle is not None:
-                lifecycle.load_state_dict(state["lifecycle"])
-            results = state["results"]
-            start_task = state["finished_tasks"]
-            checkpoints.set_rng_state(state["rng"], context.device)
-            logger.info("resumed from %s after %d finished task(s)", directory, start_task)
-    elif config.run.checkpoints and _on_main_rank(context, lambda: os.path.isdir(checkpoint_root)):
-        raise FileExistsError(
-            f"{checkpoint_root} holds checkpoints of an earlier run; pass --resume to continue it, or choose another "
-            f"--run-dir"
-        )
+    if state is not None:
+        if state["results"]["tasks"] != task_names:
+            raise ValueError(f"cannot resume: the checkpoint's tasks {state['results']['tasks']} != {task_names}")
+        saved_fingerprint = state.get("base_fingerprint")
+        if saved_fingerprint is not None and saved_fingerprint != base_fingerprint:
+            raise ValueError(
+                f"cannot resume: the base model's weights differ from the checkpointed run's (model.pretrained="
+                f"{config.model.pretrained!r} now holds other weights); its merges belong to the old weights. "
+                f"Start a new run directory"
+            )
+        checkpoints.load_model_part(resume_directory, model, method, context.device)
+        if lifecycle is not None:
+            lifecycle.load_state_dict(state["lifecycle"])
+        results = state["results"]
+        start_task = state["finished_tasks"]
+        checkpoints.set_rng_state(state["rng"], context.device)
+        logger.info("resumed from %s after %d finished task(s)", resume_directory, start_task)
 
     if results["zero_shot"] is None:
         results["zero_shot"] = evaluate(model, tasks, tokenizer, config, context)
@@ -338,7 +365,7 @@ def run_continual(
             if context.is_main and config.run.checkpoints:
                 checkpoints.save_task_pool(directory, model)
             merged = lifecycle.end_task()
-            results["merged_experts"].append({name: experts.tolist() for name, experts in list(merged.items())[:4]})
+            results["merged_experts"].append({name: experts.tolist() for name, experts in merged.items()})
         rows = evaluate(model, tasks, tokenizer, config, context)
         for kind in ("mtil", "xtail"):
             if rows[kind]:
@@ -352,12 +379,15 @@ def run_continual(
                 100 * rows["mtil"][task_index], 100 * summary["avg"], 1000 * outcome["seconds_per_step"],
             )  # fmt: skip
             if config.run.checkpoints:
-                state = {
+                task_state = {
                     "finished_tasks": task_index + 1, "rng": checkpoints.rng_state(context.device),
                     "lifecycle": lifecycle.state_dict() if lifecycle is not None else None, "results": results,
                     "config": config.to_dict(), "base_fingerprint": base_fingerprint,
                 }  # fmt: skip
-                checkpoints.save_checkpoint(directory, model, method, state)
+                checkpoints.save_checkpoint(directory, model, method, task_state)
+            # The results so far, after every task: a run stopped later keeps them in readable files too
+            # (metrics.complete says whether the matrix is whole).
+            write_results(run_dir, results, plot=False)
         barrier(context)
     if context.is_main:
         write_results(run_dir, results)
@@ -365,6 +395,8 @@ def run_continual(
     return RunOutput(results=results, model=model, is_main=context.is_main)
 
 
-def clear_checkpoints(run_dir: str) -> None:
-    """Remove a run directory's checkpoints (the demo starts afresh each time)."""
-    shutil.rmtree(os.path.join(run_dir, checkpoints.CHECKPOINT_DIR), ignore_errors=True)
+def clear_run_directory(run_dir: str) -> None:
+    """Remove a run directory (the demo starts afresh each time), unless another run holds it."""
+    if os.path.isdir(run_dir):
+        checkpoints.unlock_run_directory(checkpoints.lock_run_directory(run_dir))  # refuses while another run holds it
+        shutil.rmtree(run_dir)
