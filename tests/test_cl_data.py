@@ -57,6 +57,14 @@ def test_few_shot_sampling():
     assert torch.equal(few_shot_indices(labels, None, torch.Generator()), torch.arange(9))
 
 
+def test_few_shot_sampling_says_when_a_class_has_fewer_images(caplog):
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    with caplog.at_level("WARNING", logger="rank1_cl"):
+        chosen = few_shot_indices(labels, 3, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[chosen]).tolist() == [3, 1, 3]
+    assert "1 class(es) have fewer than 3 training images (labels [1])" in caplog.text
+
+
 def test_mtil_orders_cover_the_eleven_datasets():
     assert len(MTIL_ORDER_I) == 11 and sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II) == sorted(MTIL_DATASETS)
 
@@ -88,6 +96,11 @@ def test_missing_mtil_dataset_names_the_expected_path(tmp_path):
     (tmp_path / "dtd").mkdir()
     with pytest.raises(FileNotFoundError, match="DTD"):
         mtil_tasks(str(tmp_path), ["DTD"])
+    # Loaders that fail on a missing file (not torchvision's RuntimeError) are named as well.
+    for name, folder in (("Aircraft", "fgvc-aircraft-2013b"), ("SUN397", "SUN397")):
+        (tmp_path / folder).mkdir()
+        with pytest.raises(FileNotFoundError, match=f"MTIL dataset {name} at .* is incomplete or corrupted"):
+            mtil_tasks(str(tmp_path), [name])
 
 
 def test_unknown_mtil_names(tmp_path):

@@ -15,6 +15,7 @@ scenes) with real class names, on the fly and deterministically from a seed: the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from typing import Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
+
+logger = logging.getLogger("rank1_cl")
 
 # OpenAI CLIP's normalisation (open_clip's default for its CLIP models and for the tiny model of this package).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -489,9 +492,12 @@ def mtil_tasks(data_root: str, names: Optional[Sequence[str]] = None, order: str
         try:
             train = spec.build(data_root, True, transform_train)
             test = spec.build(data_root, False, transform_test)
-        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        except (RuntimeError, OSError) as error:  # torchvision: "Dataset not found or corrupted", or a missing file
+            # torchvision's own words may suggest download=True, which this CLI does not offer: say what to do here.
             raise FileNotFoundError(
-                f"MTIL dataset {name} at {expected!r} is incomplete or corrupted: {error}"
+                f"MTIL dataset {name} at {expected!r} is incomplete or corrupted ({type(error).__name__}: {error}); "
+                f"download it into that folder with torchvision.datasets (download=True) outside this tool, then "
+                f"run again"
             ) from error
         class_names = mtil_class_names(name, train)
         tasks.append(Task(name, class_names, list(_TEMPLATES[name]), train, test, labels_of(train), labels_of(test)))
@@ -502,13 +508,18 @@ def mtil_tasks(data_root: str, names: Optional[Sequence[str]] = None, order: str
 
 
 def few_shot_indices(labels: torch.Tensor, shots: Optional[int], generator: torch.Generator) -> torch.Tensor:
-    """`shots` random indices per class (all of a class that has fewer), sorted; None: every index."""
+    """`shots` random indices per class (all of a class that has fewer, with a warning), sorted; None: every index."""
     if shots is None:
         return torch.arange(len(labels))
-    chosen = []
+    chosen, short = [], []
     for label in labels.unique().tolist():
         members = (labels == label).nonzero().flatten()
+        if len(members) < shots:
+            short.append(label)
         chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    if short:
+        logger.warning("%d class(es) have fewer than %d training images (labels %s): all of theirs are used",
+                       len(short), shots, short[:10])  # fmt: skip
     return torch.cat(chosen).sort().values
 
 
