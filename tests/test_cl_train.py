@@ -207,9 +207,11 @@ def test_resume_without_latest_json_and_from_damaged_checkpoints(tmp_path):
     (task_dir / "adapters.safetensors").write_bytes(pristine["adapters.safetensors"])
     (checkpoint_dir / "latest.json").unlink()
     (checkpoint_dir / ".tmp-0123456789abcdef-latest.json").write_text("{")
+    (run_dir / "notes").mkdir()  # a run directory may hold other things: only the folders a run writes are cleaned
+    (run_dir / "notes" / ".tmp-0123456789abcdef-mine.txt").write_text("kept")
     resumed = run_continual(tiny_config(run_dir, **{"run.resume": True}), progress=False)
     assert resumed.results["matrices"] == whole.results["matrices"]
-    assert not list(checkpoint_dir.glob(".tmp-*"))
+    assert not list(checkpoint_dir.glob(".tmp-*")) and (run_dir / "notes" / ".tmp-0123456789abcdef-mine.txt").exists()
 
 
 def test_resume_refuses_other_base_weights_under_the_same_name(tmp_path):

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -237,11 +238,26 @@ def lock_run_directory(run_dir: str) -> int:
         ) from None
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-    for root, _, files in os.walk(run_dir):
-        for name in files:
-            if name.startswith(".tmp-"):  # atomic_write's temporaries
-                os.remove(os.path.join(root, name))
+    _remove_stale_temporaries(run_dir)
     return descriptor
+
+
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{16}-")  # atomic_write's temporaries: .tmp-<16 hex digits>-<name>
+
+
+def _remove_stale_temporaries(run_dir: str) -> None:
+    """atomic_write's temporaries in the folders a run writes (not below them: a run directory may be any folder)."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    folders = [run_dir, root]
+    if os.path.isdir(root):
+        folders += [os.path.join(root, name) for name in os.listdir(root) if name.startswith("task_")]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if _TEMPORARY.match(name) and os.path.isfile(path):
+                os.remove(path)
 
 
 def unlock_run_directory(descriptor: int) -> None:
