@@ -606,7 +606,8 @@ sys.exit(main(sys.argv[1:]))
 # Parts already complete in RESULTS (the latest run of each, without groups skipped for time, a failure, or a
 # stop before its end: a run writes its finished groups as it goes, with the parts not finished yet listed).
 # A part measured by another commit or other code is not complete for this one: `sweep --resume` measures its
-# groups again.
+# groups again. The run's settings (which backends loaded) are not compared here: a part complete without pool[cuda]
+# stays complete when the extension loads later (RANK1_BENCH_RESUME=0, a fresh folder, measures it again).
 DONE_PY='
 import json, os, sys
 try:
@@ -699,17 +700,20 @@ if wants bench; then
     for i in "${!remaining_parts[@]}"; do
         part="${remaining_parts[$i]}"
         room=$(($(left) - RESERVE))
-        if ((room < min_part)); then
-            echo "===== part $part: skipped, only $(left)s left of the budget" >>"$BENCH_LOG"
+        group=$(group_seconds "$part")
+        [[ $DRY == 1 ]] && group=2
+        need=$((startup + group + 10)) # the least that measures one group: a later, smaller part may still fit
+        ((need < min_part)) && need=$min_part
+        if ((room < need)); then
+            echo "===== part $part: skipped, only $(left)s left of the budget (it needs ${need}s for one group)" >>"$BENCH_LOG"
             printf '%s\t%s\t%s\t%s\n' "$part" "not run (no time left)" - 0 >>"$STATE/parts.tsv"
             say "bench: $part skipped (no time left)"
             continue
         fi
         wsum=0
         for p in "${remaining_parts[@]:$i}"; do wsum=$((wsum + $(weight "$p"))); done
-        share=$((room * $(weight "$part") / wsum)) # this part's fair share of the time left
-        group=$(group_seconds "$part")
-        [[ $DRY == 1 ]] && group=2
+        share=$((room * $(weight "$part") / wsum)) # this part's fair share of the time left, at least one group's
+        ((share < need)) && share=$need
         budget_s=$((share - startup - group)); ((budget_s < 1)) && budget_s=1 # new groups start only within it
         t=$(min "$room" $((share + group + 20)))                              # the group in flight may finish
         minutes=$(awk -v s="$budget_s" 'BEGIN { printf "%.2f", s / 60 }')

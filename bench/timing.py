@@ -138,11 +138,13 @@ def time_cuda_graph(step: Step, n_buffers: int, config: TimingConfig) -> Measure
     graphs = []
     per_graph = max(1, config.graph_iterations)
     try:
-        for i in range(n_buffers):  # graph i runs buffers i, i + 1, ...: the buffers still rotate within a graph
+        # Graph i runs buffers i * per_graph, i * per_graph + 1, ...: replayed in turn, the graphs go through the
+        # buffers in one continuous rotation, so a buffer comes back only after all the others.
+        for i in range(n_buffers):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for j in range(per_graph):
-                    step((i + j) % n_buffers)
+                    step((i * per_graph + j) % n_buffers)
             graphs.append(graph)
     finally:
         # A failed capture leaves torch.cuda.graph's capture stream current (its exit stops at capture_end).

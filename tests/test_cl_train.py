@@ -144,6 +144,7 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path):
     from rank1_cl.checkpoint import RunDirectoryInUse, lock_run_directory, unlock_run_directory
 
     held = lock_run_directory(str(tmp_path))
+    open_descriptors = len(os.listdir("/proc/self/fd"))
     try:
         for settings in ({}, {"run.resume": True}):
             with pytest.raises(RunDirectoryInUse, match=f"in use by another run \\(pid {os.getpid()}\\)"):
@@ -151,14 +152,40 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path):
     finally:
         unlock_run_directory(held)
     assert not (tmp_path / "checkpoints").exists()
+    assert len(os.listdir("/proc/self/fd")) <= open_descriptors, "a refusal must not leak the lock's descriptor"
     file = tmp_path / "a_file"
     file.write_text("")
     with pytest.raises(OSError, match="cannot be written"):
         run_continual(tiny_config(file / "run"), progress=False)
 
 
-def test_results_are_written_after_every_task_and_an_earlier_run_is_never_overwritten(tmp_path):
-    run_continual(tiny_config(tmp_path, **{"run.stop_after_task": 1, "run.checkpoints": False}), progress=False)
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="rank1_cl"):
+        output = run_continual(tiny_config(tmp_path, **{"run.stop_after_task": 1}), progress=False)
+    assert len(output.results["matrices"]["mtil"]) == 1 and "has no file locks" in caplog.text
+
+
+def test_results_are_written_after_every_task_and_an_earlier_run_is_never_overwritten(tmp_path, monkeypatch):
+    import rank1_cl.trainer as trainer
+
+    train_task = trainer.train_task
+
+    def stopped_in_the_second_task(*args, **kwargs):
+        if args[3] == 1:  # task_index: the run dies here, before its end-of-run write
+            raise KeyboardInterrupt
+        return train_task(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_task", stopped_in_the_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(tiny_config(tmp_path, **{"run.checkpoints": False}), progress=False)
+    monkeypatch.setattr(trainer, "train_task", train_task)
     written = json.loads((tmp_path / "results.json").read_text())
     assert len(written["matrices"]["mtil"]) == 1 and written["metrics"]["mtil"]["complete"] is False
     assert (tmp_path / "accuracy_mtil.csv").exists()

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         level=logging.DEBUG if arguments.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("rank1_cl").setLevel(logging.DEBUG if arguments.verbose else logging.INFO)
+    interrupted_hint = ""
     try:
         if arguments.command == "demo":
             from .demo import run_demo
@@ -98,6 +99,10 @@ def main(argv=None) -> int:
             if arguments.compile:
                 overrides["train.compile"] = True
             config = load_config(arguments.config, overrides)
+            interrupted_hint = (
+                "; its finished tasks are checkpointed: continue it with --resume" if config.run.checkpoints
+                else "; checkpoints were off (--no-checkpoints): a new run starts from the first task"
+            )  # fmt: skip
             context = init_distributed(config.model.device)
             try:
                 output = run_continual(config, context=context, progress=not arguments.no_progress)
@@ -123,8 +128,7 @@ def main(argv=None) -> int:
             else:
                 print(format_parameter_report(report))
     except KeyboardInterrupt:
-        resume = " (continue it with --resume)" if arguments.command == "train" else ""
-        print(f"rank1-cl {arguments.command}: interrupted; finished tasks are checkpointed{resume}", file=sys.stderr)
+        print(f"rank1-cl {arguments.command}: interrupted{interrupted_hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as error:  # OSError: a directory unwritable, full, missing or in use
         print(f"rank1-cl {arguments.command}: error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ A run killed at any point resumes from the last task whose latest.json was writt
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -215,11 +216,16 @@ class RunDirectoryInUse(OSError):
 LOCK_FILE = ".lock"
 
 
-def lock_run_directory(run_dir: str) -> int:
+# flock's errors on filesystems that do not support it (some NFS, Lustre and CIFS mounts): run without the lock.
+_NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def lock_run_directory(run_dir: str) -> int | None:
     """Make the run directory, check that it is writable, and take its lock for the whole run (rank 0): a second run
     on the same directory would overwrite the first's checkpoints and results. Leftover temporary files of a run
     killed while writing are removed (no other run can be writing: the lock is ours). Returns the lock's descriptor
-    (unlock_run_directory releases it; the system does when the process ends, however it ends)."""
+    (unlock_run_directory releases it; the system does when the process ends, however it ends), or None where the
+    filesystem has no locks (with a warning: two runs there are not kept apart)."""
     import fcntl
 
     try:
@@ -228,17 +234,29 @@ def lock_run_directory(run_dir: str) -> int:
     except OSError as error:
         raise OSError(f"run directory {run_dir!r} cannot be written ({error.strerror or error}); choose another --run-dir") from error
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(descriptor)
-        raise RunDirectoryInUse(
-            f"run directory {run_dir!r} is in use by another run (pid {holder}); wait for it to end, or choose "
-            f"another --run-dir"
-        ) from None
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-    _remove_stale_temporaries(run_dir)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirectoryInUse(
+                f"run directory {run_dir!r} is in use by another run (pid {holder}); wait for it to end, or choose "
+                f"another --run-dir"
+            ) from None
+        except OSError as error:
+            if error.errno not in _NO_LOCKING:
+                raise
+            logger.warning("%s: the filesystem has no file locks (%s); a second run on it would not be refused",
+                           run_dir, error.strerror)  # fmt: skip
+            os.close(descriptor)
+            descriptor = None
+        else:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        _remove_stale_temporaries(run_dir)
+    except BaseException:
+        if descriptor is not None:
+            os.close(descriptor)  # a refusal or a failed write leaves no descriptor (nor lock) behind
+        raise
     return descriptor
 
 
@@ -260,9 +278,11 @@ def _remove_stale_temporaries(run_dir: str) -> None:
                 os.remove(path)
 
 
-def unlock_run_directory(descriptor: int) -> None:
+def unlock_run_directory(descriptor: int | None) -> None:
     import fcntl
 
+    if descriptor is None:  # a filesystem without locks: nothing was taken
+        return
     fcntl.flock(descriptor, fcntl.LOCK_UN)
     os.close(descriptor)
 
