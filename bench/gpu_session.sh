@@ -642,7 +642,7 @@ print(sorted({(row.get("group_key"), row.get("date_utc")) for row in rows if row
 # A part's share of the time left, by weight: `targets` (issue #3's grid, judged in the reports) first and most.
 weight() {
     case "$1" in
-        targets) echo 10 ;; vit-b16) echo 4 ;; vit-l14) echo 3 ;; ago | dtypes | tokens | step | llm-4096) echo 2 ;;
+        targets) echo 20 ;; vit-b16) echo 4 ;; vit-l14) echo 3 ;; ago | dtypes | tokens | step | llm-4096) echo 2 ;;
         *) echo 1 ;;
     esac
 }
