@@ -191,6 +191,8 @@ def test_results_are_written_after_every_task_and_an_earlier_run_is_never_overwr
     assert (tmp_path / "accuracy_mtil.csv").exists()
     with pytest.raises(FileExistsError, match="holds an earlier run"):  # results.json, even without checkpoints
         run_continual(tiny_config(tmp_path, **{"run.checkpoints": False}), progress=False)
+    with pytest.raises(FileExistsError, match="a run without checkpoints .* cannot be resumed"):
+        run_continual(tiny_config(tmp_path, **{"run.resume": True}), progress=False)
 
 
 def test_resume_without_latest_json_and_from_damaged_checkpoints(tmp_path):

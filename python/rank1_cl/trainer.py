@@ -295,6 +295,11 @@ def _resume_state(config: CLConfig, context: DistContext) -> tuple[Optional[str]
         return None, None
     directory = checkpoints.latest_checkpoint(run_dir)
     if directory is None:
+        if _on_main_rank(context, lambda: os.path.exists(os.path.join(run_dir, "results.json"))):
+            raise FileExistsError(
+                f"{run_dir} holds the results of a run without checkpoints (--no-checkpoints), which cannot be "
+                f"resumed; choose another --run-dir"
+            )
         logger.info("no checkpoint under %s: starting from the first task", run_dir)
         return None, None
     state = checkpoints.load_state(directory)
