@@ -178,18 +178,29 @@ AGO_TARGET_LAYERS, AGO_TARGET_MS = 144, 0.050
 
 
 def _target_cases(rows: list[dict]) -> dict[tuple, dict]:
-    """(shape, r, k, direction, timer, method) -> row, for the target grid's rows (batch routing, no dropout); a
-    cell measured in both TARGET_GROUPS is taken from the first."""
+    """(group, shape, r, k, direction, timer, method) -> row, for the target grid's rows (TARGET_GROUPS, batch
+    routing, no dropout)."""
     cases: dict[tuple, dict] = {}
-    for group in reversed(TARGET_GROUPS):
-        for row in rows:
-            if (row["section"] == "layer" and row["group"] == group and row["model"] == TARGET_MODEL
-                    and row["rows"] == TARGET_ROWS and row["dtype"] == TARGET_DTYPE and not row.get("dropout")
-                    and row.get("routing") in (None, "batch") and row.get("group_r") in TARGET_RANKS
-                    and row["status"] == "ok"):  # fmt: skip
-                key = (_shape(row), row["group_r"], row["k"], row["direction"], row["timer"], row["method"])
-                cases[key] = row
+    for row in rows:
+        if (row["section"] == "layer" and row["group"] in TARGET_GROUPS and row["model"] == TARGET_MODEL
+                and row["rows"] == TARGET_ROWS and row["dtype"] == TARGET_DTYPE and not row.get("dropout")
+                and row.get("routing") in (None, "batch") and row.get("group_r") in TARGET_RANKS
+                and row["status"] == "ok"):  # fmt: skip
+            key = (row["group"], _shape(row), row["group_r"], row["k"], row["direction"], row["timer"], row["method"])
+            cases[key] = row
     return cases
+
+
+def _target_pair(cases: dict, shape: tuple, r: int, k: int, target: "LayerTarget", timer: str, backend: str):
+    """(pool row, baseline row) of one case, both from the same group (timed side by side), the dedicated part
+    first; None when no group has both."""
+    base_k = k if target.against == OFFICIAL else None
+    for group in TARGET_GROUPS:
+        pool = cases.get((group, shape, r, k, target.direction, timer, backend))
+        base = cases.get((group, shape, r, base_k, target.direction, timer, target.against))
+        if pool is not None and base is not None:
+            return pool, base
+    return None
 
 
 def _compare(pool: dict, base: dict, kind: str) -> tuple[float, float, float]:
@@ -204,7 +215,7 @@ def targets_table(rows: list[dict]) -> list[list[str]]:
     """Per target, backend and timer: how many of the grid's cases were measured, passed (by the medians), how many
     of those lie within the spread of the bound, and the worst case. Empty when no row of the grid exists."""
     cases = _target_cases(rows)
-    timers = list(dict.fromkeys(key[4] for key in cases))
+    timers = list(dict.fromkeys(key[5] for key in cases))
     if not cases:
         return []
     shapes = TARGET_SHAPES
@@ -217,12 +228,10 @@ def targets_table(rows: list[dict]) -> list[list[str]]:
                 for shape in shapes:
                     for r in TARGET_RANKS:
                         for k in TARGET_TOP_KS:
-                            pool = cases.get((shape, r, k, target.direction, timer, backend))
-                            base_k = k if target.against == OFFICIAL else None
-                            base = cases.get((shape, r, base_k, target.direction, timer, target.against))
-                            if pool is not None and base is not None:
-                                results.append((_compare(pool, base, target.kind), f"{shape[1]} r={r} k={k}"))
-                                drifts.append(abs(pool.get("floor_drift") or 0.0))
+                            pair = _target_pair(cases, shape, r, k, target, timer, backend)
+                            if pair is not None:
+                                results.append((_compare(*pair, target.kind), f"{shape[1]} r={r} k={k}"))
+                                drifts.append(abs(pair[0].get("floor_drift") or 0.0))
                 line = _target_line(target, backend, timer, results, expected)
                 drift = f"{100 * max(drifts):.1f}%" if drifts else "-"
                 lines.append(line[:-1] + [drift, line[-1]])

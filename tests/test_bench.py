@@ -565,6 +565,11 @@ def test_targets_are_judged_case_by_case_from_the_grid_rows():
     forward = {line[0]: line for line in report.targets_table(rows) if line[1] == "pool[triton]"}[
         "forward <= 1.10x nn.Linear"]
     assert forward[3] == "24/24" and forward[-1] == "FAIL" and forward[6].startswith("2.00x") and " attn.qkv r=12" in forward[6]
+    # A case is judged from one group's rows only (timed side by side), never a pool row of one and a floor of another.
+    rows = _grid_rows("vit-b16", 2.0) + [row for row in _grid_rows("targets", 1.0) if row["method"] != "nn.Linear"]
+    forward = {line[0]: line for line in report.targets_table(rows) if line[1] == "pool[triton]"}[
+        "forward <= 1.10x nn.Linear"]
+    assert forward[-1] == "FAIL" and forward[4] == "0"
     partial = _grid_rows("targets", 1.0)[:-1]  # the last case lost its forward+backward row
     line = {item[0]: item for item in report.targets_table(partial) if item[1] == "pool[triton]"}[
         "forward+backward <= 1.20x frozen nn.Linear"]
