@@ -154,7 +154,7 @@ def inject(
         if isinstance(module, (FusedRank1PoolLinear, PoolMultiheadAttention, SplitQKVLinear)):
             inside_replaced += (name + ".",)  # injected before: its router and projections are not targets
             if matches(name, module):
-                pools_before += [(f"{name}.{sub}" if sub else name, layer) for sub, layer in _pool_layers_inside(module)]
+                pools_before += [(f"{name}.{sub}" if sub else name, layer) for sub, layer in pool_layers(module)]
             continue
         if id(module) in made:
             replacements[name] = made[id(module)]
@@ -201,11 +201,6 @@ def inject(
         _set_submodule(model, name, new)
     install_text_routing(model, found_towers, text_routing)
     return model
-
-
-def _pool_layers_inside(module: nn.Module) -> Iterator[tuple[str, FusedRank1PoolLinear]]:
-    """The pool layers of a pool layer, a PoolMultiheadAttention or a split qkv, by name relative to it."""
-    return ((name, m) for name, m in module.named_modules() if isinstance(m, FusedRank1PoolLinear))
 
 
 def _check_pools_before(pools_before: list[tuple[str, FusedRank1PoolLinear]], config: PoolConfig) -> None:
