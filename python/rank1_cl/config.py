@@ -168,9 +168,8 @@ class CLConfig:
             raise ValueError(
                 f"train.lr={self.train.lr}, train.min_lr={self.train.min_lr}: expected 0 <= min_lr <= lr, lr > 0"
             )
-        for key, value in (("train.weight_decay", self.train.weight_decay), ("train.ago_weight", self.train.ago_weight)):
-            if value < 0:
-                raise ValueError(f"{key}={value} must be >= 0")
+        _at_least("train.weight_decay", self.train.weight_decay, 0)
+        _at_least("train.ago_weight", self.train.ago_weight, 0)
         if not 0 <= self.train.seed < 2**32:  # numpy's seeds
             raise ValueError(f"train.seed={self.train.seed} must be in [0, 2**32)")
         if self.train.shots is not None:
