@@ -139,8 +139,10 @@ def time_cuda_graph(step: Step, n_buffers: int, config: TimingConfig) -> Measure
     per_graph = max(1, config.graph_iterations)
     try:
         # Graph i runs buffers i * per_graph, i * per_graph + 1, ...: replayed in turn, the graphs go through the
-        # buffers in one continuous rotation, so a buffer comes back only after all the others.
-        for i in range(n_buffers):
+        # buffers in one continuous rotation, so a buffer comes back only after all the others. That rotation
+        # closes after lcm(n_buffers, per_graph) iterations: n_buffers / gcd graphs hold it (16 buffers at 8 per
+        # graph: 2 graphs, not 16 captures of the same iterations).
+        for i in range(n_buffers // math.gcd(n_buffers, per_graph)):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for j in range(per_graph):
@@ -151,9 +153,9 @@ def time_cuda_graph(step: Step, n_buffers: int, config: TimingConfig) -> Measure
         torch.cuda.set_stream(caller_stream)
     for graph in graphs:  # every graph's first replay (it uploads the graph) happens here, untimed
         graph.replay()
-    _warm_up(lambda i: graphs[i].replay(), n_buffers, config, torch.cuda.synchronize)
+    _warm_up(lambda i: graphs[i].replay(), len(graphs), config, torch.cuda.synchronize)
     # No peak memory here: a graph's tensors live in its private pool, allocated at capture, not at replay.
-    times_ms = _time_with_events(lambda i: graphs[i].replay(), n_buffers, config)
+    times_ms = _time_with_events(lambda i: graphs[i].replay(), len(graphs), config)
     return summarize([time_ms / per_graph for time_ms in times_ms])
 
 

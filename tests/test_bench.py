@@ -129,6 +129,34 @@ def test_ago_loop_equals_grouped_mean():
     assert len(B_curs) == 2 * 2 * 6 and float(oracle.detach()) > 0
 
 
+def test_ago_bench_rotates_copies_of_the_inputs():
+    from bench.ago_bench import _steps, copies_of_inputs, run_ago
+
+    sweep = AgoSweep(widths=[8], blocks=1, r=4, top_m=2, previous_tasks=[2], directions=["forward+backward"])
+    B_curs, B_prevs, *_ = make_ago_inputs(sweep, 2, torch.float32, torch.device("cpu"))
+    sets = copies_of_inputs(B_curs, B_prevs, 3)
+    addresses = {B.data_ptr() for curs, prevs in sets for B in (*curs, *prevs)}
+    assert len(addresses) == 3 * (len(B_curs) + len(B_prevs)), "every set in memory of its own"
+    assert all(torch.equal(a, b) for curs, prevs in sets for a, b in zip((*curs, *prevs), (*B_curs, *B_prevs)))
+    assert all(B.requires_grad for curs, _ in sets for B in curs)
+    read = []
+
+    def loss_fn(curs, prevs):
+        read.append(curs[0].data_ptr())
+        return sum((cur * cur).sum() for cur in curs) + sum(prev.sum() for prev in prevs)
+
+    steps, prepare = _steps(loss_fn, sets)
+    for i in range(3):
+        grads = steps["forward+backward"](i)
+        assert torch.equal(grads[0], 2 * sets[i][0][0].detach())
+    prepare()
+    assert steps["backward"](1)[0].shape == B_curs[0].shape
+    assert read == [curs[0].data_ptr() for curs, _ in sets] * 2, "step i computes on set i; prepare retains each"
+    timing = TimingConfig(warmup=1, min_samples=2, max_samples=2, target_seconds=0.0)
+    rows = list(run_ago(sweep, torch.device("cpu"), timing, log=lambda message: None))
+    assert rows and all(row["n_buffers"] == 2 and row["set_mib"] >= 0 for row in rows)  # CPU: two sets
+
+
 def test_ideal_cost_counts_gemm_work():
     shape = LayerShape("m", "l", n_samples=1, tokens_per_sample=2, in_features=3, out_features=4)  # M=2, K=3, N=4
     assert ideal_cost(shape, 1, "forward", 4, base_only=False) == (
@@ -243,6 +271,12 @@ def test_graph_timer_captures_one_graph_per_buffer_and_replays_in_turn(monkeypat
     result = timing.time_cuda_graph(step, 3, config)
     assert captured == [0, 1] + [2, 0] + [1, 2], "graphs replayed in turn rotate through every buffer"
     assert result.median_ms == 0.5
+    # When the iterations per graph share a factor with the buffers, fewer graphs close the rotation.
+    captured.clear()
+    replayed.clear()
+    timing.time_cuda_graph(step, 4, config)
+    assert captured == [0, 1] + [2, 3], "two graphs hold the whole rotation of four buffers"
+    assert set(replayed) == {1, 3}, "only those two graphs are replayed (a graph records its last buffer)"
 
 
 class _RefusingBackend(backends.Backend):
@@ -585,10 +619,14 @@ def test_ago_target_and_the_targets_section_of_the_reports():
     from bench import report
 
     ago = [dict(section="ago", group="ago", method=method, dtype="bf16", n_layers=144, previous_tasks=10,
-                direction="forward+backward", timer="cuda-graph", status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms)
+                direction="forward+backward", timer="cuda-graph", status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms,
+                n_buffers=9, set_mib=13.2)
            for method, ms in (("grouped[triton]", 0.04), ("grouped[cuda]", 0.06), ("per-layer loop", 0.01))]  # fmt: skip
-    assert [line[0::5] for line in report.ago_target_table(ago)] == [["grouped[triton]", "PASS"],
-                                                                      ["grouped[cuda]", "FAIL"]]  # fmt: skip
+    assert [[line[0], line[4], line[6]] for line in report.ago_target_table(ago)] == [
+        ["grouped[triton]", "9 sets x 13.2 MiB", "PASS"], ["grouped[cuda]", "9 sets x 13.2 MiB", "FAIL"]]
+    # Rows of a bench before the rotation timed one set, kept in L2: said so next to the verdict.
+    old_row = {key: value for key, value in ago[0].items() if key not in ("n_buffers", "set_mib")}
+    assert report.ago_target_table([old_row])[0][4] == "1 set (L2-warm: a lower bound)"
     rows = _grid_rows("targets", 1.05)
     environment = {"device": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc", "date_utc": "now",
                    "device_type": "cuda", "cpu": "x", "cuda_runtime": "13.0", "python": "3.12"}  # fmt: skip
