@@ -89,6 +89,12 @@ def _loadable_backends() -> list[str]:
     return loadable
 
 
+def run_settings(time_forced_only: bool, backends: list[str]) -> str:
+    """The settings stamped on every row (`bench_settings`) besides the code: which backends loaded (the ones that
+    time rows) and --time-forced-only. bench/gpu_session.sh computes it too, to tell a part complete."""
+    return f"time_forced_only={time_forced_only}; backends={','.join(backends)}"
+
+
 def _resolve_device(requested: str | None, preset: str) -> torch.device:
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -132,7 +138,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     if args.triton_variants or preset.triton_variants:
         variant_backends, variants_unavailable = register_triton_variants()
     # What decides which rows exist besides the code: rows of runs with other settings are not kept by --resume.
-    env["bench_settings"] = f"time_forced_only={args.time_forced_only}; backends={','.join(_loadable_backends())}"
+    env["bench_settings"] = run_settings(args.time_forced_only, _loadable_backends())
     json_path = os.path.join(out_dir, "results.json")
     previous_rows, earlier_runs = [], []
     if (args.append or args.resume) and os.path.exists(json_path):

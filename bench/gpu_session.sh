@@ -605,9 +605,9 @@ sys.exit(main(sys.argv[1:]))
 '
 # Parts already complete in RESULTS (the latest run of each, without groups skipped for time, a failure, or a
 # stop before its end: a run writes its finished groups as it goes, with the parts not finished yet listed).
-# A part measured by another commit or other code is not complete for this one: `sweep --resume` measures its
-# groups again. The run's settings (which backends loaded) are not compared here: a part complete without pool[cuda]
-# stays complete when the extension loads later (RANK1_BENCH_RESUME=0, a fresh folder, measures it again).
+# A part measured by another commit, other code or other settings (which backends loaded: a part measured without
+# pool[cuda] is not complete once the extension loads) is not complete for this one: `sweep --resume` measures its
+# groups again.
 DONE_PY='
 import json, os, sys
 try:
@@ -623,9 +623,20 @@ for run in [*conditions.get("earlier_runs", []), conditions]:
 commit = os.environ.get("RANK1_COMMIT") or None
 from bench.environment import code_digest
 digest = code_digest()  # the same commit with other uncommitted edits is other code
+# The settings this run stamps: the sweep registers the Triton variants of the preset, and the CUDA backend is there
+# when the bench loads the extension (not loaded here: a load that fails later only makes the part run again).
+from bench.__main__ import _loadable_backends, run_settings
+from bench.presets import get_preset
+if get_preset(sys.argv[2]).triton_variants:
+    from bench.variants import register_triton_variants
+    register_triton_variants()
+backends = [name for name in _loadable_backends() if name != "cuda"]
+if os.environ.get("RANK1_BENCH_LOAD_CUDA") == "1":
+    backends = sorted([*backends, "cuda"])  # the order of known_backends()
+settings = run_settings(False, backends)
 for part in state:
     if any((commit and row.get("commit") != commit) or row.get("code_digest") != digest
-           for row in rows if row.get("group") == part):
+           or row.get("bench_settings") != settings for row in rows if row.get("group") == part):
         state[part] = False
 print(" ".join(part for part, complete in state.items() if complete))
 '
@@ -670,11 +681,6 @@ if wants bench; then
         rm -rf "$RESULTS"
     fi
     mkdir -p "$RESULTS"
-    done_parts=" "
-    if [[ "$resume" != 0 && -f "$RESULTS/results.json" ]]; then
-        done_parts=" $("$PY" -c "$DONE_PY" "$RESULTS/results.json") "
-        echo "resume: keeping the rows in $RESULTS; parts complete there:${done_parts}" >>"$BENCH_LOG"
-    fi
     case "${RANK1_BENCH_CUDA:-auto}" in
         1) load_cuda=1 ;;
         0) load_cuda=0 ;;
@@ -685,6 +691,11 @@ if wants bench; then
     export RANK1_BENCH_LOAD_CUDA=$load_cuda
     why="no (build: $BUILD_STATE; RANK1_BENCH_CUDA=${RANK1_BENCH_CUDA:-auto})"
     echo "pool[cuda] timed: $([[ $load_cuda == 1 ]] && echo yes || echo "$why")" >>"$BENCH_LOG"
+    done_parts=" "
+    if [[ "$resume" != 0 && -f "$RESULTS/results.json" ]]; then
+        done_parts=" $("$PY" -c "$DONE_PY" "$RESULTS/results.json" "$PRESET") "
+        echo "resume: keeping the rows in $RESULTS; parts complete there:${done_parts}" >>"$BENCH_LOG"
+    fi
     note="Measured by bench/gpu_session.sh: one part per process (--only/--resume) under a ${BUDGET}s session"
     note+=" budget; CUDA extension $([[ $load_cuda == 1 ]] && echo JIT-loaded || echo 'not loaded')."
     if [[ $DRY == 1 ]]; then startup=5; min_part=4; else startup=25; min_part=45; fi

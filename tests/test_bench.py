@@ -759,6 +759,31 @@ def test_gpu_session_script_dry_run(tmp_path):
     assert "main | not run (no time left)" in (small / "summary.txt").read_text()
 
 
+def test_gpu_session_counts_a_part_complete_only_for_this_code_and_settings(tmp_path):
+    """The session script's check (DONE_PY) that lets a resumed session skip a part: only when every row of the
+    part has this commit, this code and the settings this run stamps (which backends load)."""
+    from bench.environment import code_digest
+
+    # The assignment as bash reads it (a quote inside the program would end it early there).
+    assignment = "eval \"$(sed -n '/^DONE_PY=/,/^VALID_PY=/p' bench/gpu_session.sh)\"; printf %s \"$DONE_PY\""
+    done_py = subprocess.run(["bash", "-c", assignment], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    without_cuda = "time_forced_only=False; backends=reference,triton"
+    this = dict(commit="c1", code_digest=code_digest(), bench_settings=without_cuda)
+    rows = [dict(this, group="main"), dict(this, group="ago", bench_settings="time_forced_only=True; backends=x"),
+            dict(this, group="step", code_digest="other"), dict(this, group="tokens", commit="c0")]  # fmt: skip
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"conditions": {"parts": ["main", "ago", "step", "tokens"]}, "results": rows}))
+
+    def complete(load_cuda: str) -> list[str]:
+        environment = dict(os.environ, RANK1_COMMIT="c1", RANK1_BENCH_LOAD_CUDA=load_cuda)
+        completed = subprocess.run([sys.executable, "-c", done_py, str(results), "tiny"], cwd=ROOT, env=environment,
+                                   capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+        return completed.stdout.split()
+
+    assert complete("0") == ["main"]
+    assert complete("1") == [], "rows measured without pool[cuda] do not complete a part once the extension loads"
+
+
 @pytest.mark.gpu
 def test_layer_benchmark_on_cuda_with_events_graphs_memory_and_throughput():
     from bench.environment import nominal_peaks
