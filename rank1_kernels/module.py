@@ -166,13 +166,17 @@ class FusedRank1PoolLinear(nn.Module):
         if x.dim() == 1:
             return x.unsqueeze(0), 1, lambda y: y.squeeze(0)
         if x.dim() == 2:
-            if tokens_per_sample is None and routing_tokens is not None and routing_tokens.shape[0] > 0:
-                tokens_per_sample = x.shape[0] // routing_tokens.shape[0]
-                if tokens_per_sample * routing_tokens.shape[0] != x.shape[0]:
+            if tokens_per_sample is None and routing_tokens is not None:
+                n_routing = routing_tokens.shape[0]
+                if n_routing == 0 and x.shape[0] == 0:
+                    tokens_per_sample = 1  # an empty batch, as a 3-D one with no samples: an empty output
+                elif n_routing == 0 or x.shape[0] % n_routing:
                     raise ValueError(
-                        f"{x.shape[0]} rows cannot be split evenly over {routing_tokens.shape[0]} routing tokens; "
+                        f"{x.shape[0]} rows cannot be split evenly over {n_routing} routing tokens; "
                         f"expected rows = n_samples * tokens_per_sample"
                     )
+                else:
+                    tokens_per_sample = x.shape[0] // n_routing
             if tokens_per_sample is None:
                 raise ValueError(
                     "2-D input (rows, in_features) needs tokens_per_sample= or routing_tokens= (the layer never "

@@ -265,6 +265,17 @@ def test_cast_keeps_the_merge_scales_exact():
     assert fresh.merged_scaling.dtype == torch.float64 and fresh.merged_scaling.tolist() == [1 / 12] * 4
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_2d_batch_with_no_routing_tokens(backend):
+    layer = FusedRank1PoolLinear(4, 3, r=4, k=2, backend=backend)
+    y = layer(torch.randn(0, 4), routing_tokens=torch.randn(0, 4))
+    assert y.shape == (0, 3)
+    with pytest.raises(ValueError, match=r"6 rows cannot be split evenly over 0 routing tokens"):
+        layer(torch.randn(6, 4), routing_tokens=torch.randn(0, 4))
+    with pytest.raises(ValueError, match=r"7 rows cannot be split evenly over 2 routing tokens"):
+        layer(torch.randn(7, 4), routing_tokens=torch.randn(2, 4))
+
+
 def test_routing_tokens_must_be_one_per_sample():
     layer = _trained_layer()
     with pytest.raises(ValueError, match=r"routing_tokens has 2 rows for the 3 samples of x \(3, 4, 10\)"):
