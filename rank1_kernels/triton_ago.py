@@ -22,6 +22,7 @@ import triton.language as tl
 from ._eager import call, eager_function
 from ._launch import block as _block
 from ._launch import cdiv as _cdiv
+from .triton_pool_linear import _to
 
 # Columns of the per-layer table.
 _CUR_OFFSET, _PREV_OFFSET, _ROWS, _CUR_COLS, _PREV_COLS, _CUR_MASK_OFFSET, _PREV_MASK_OFFSET, _GRAM_OFFSET = range(8)
@@ -110,7 +111,7 @@ def _ago_grad_kernel(
             acc = tl.dot(other * other_mask[None, :], dphi_t, acc, input_precision="ieee")
         own_mask = tl.load(own_mask_ptr + own_mask_offset + a_idx, mask=a_ok, other=0.0)
         acc = acc * own_mask[None, :] * grad_loss
-        tl.store(out_ptr + own_offset + ds[:, None] * own_cols + a_idx[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + own_offset + ds[:, None] * own_cols + a_idx[None, :], _to(acc, out_ptr.dtype.element_ty),
                  mask=d_ok[:, None] & a_ok[None, :])  # fmt: skip
 
 

@@ -67,6 +67,23 @@ def _input_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+# Triton's interpreter casts fp32 to bf16 by truncation (and garbles subnormals); compiled kernels round to nearest
+# even, as torch does. Under the interpreter only, `_to` rounds by bits, so CPU tests see the rounding a GPU does.
+_ROUND_BF16_BY_BITS = tl.constexpr(type(_input_dot).__name__ == "InterpretedFunction")
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """An fp32 tile in `dtype`, rounded to nearest even (compiled: the cast itself)."""
+    if _ROUND_BF16_BY_BITS and dtype == tl.bfloat16:  # the upper half of the rounded bits (subnormals too)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))  # NaN stays a (quiet) NaN
+        out = (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
 @triton.jit
 def _rank_dot(hidden, operand, acc, RANK_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """acc += hidden @ operand, hidden an fp32 tile of the rank intermediate, operand a tile in the input dtype.
@@ -271,7 +288,7 @@ def _fused_linear_kernel(
         acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
         y_ptr + rows[:, None] * stride_y_row + outs[None, :] * stride_y_col,
-        acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :],
+        _to(acc, y_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :],
     )  # fmt: skip
 
 
@@ -363,7 +380,7 @@ def _gate_grad_kernel(
         grad_u = tl.load(grad_u_ptr + rows[:, None] * stride_grad_u_row + slots[None, :], mask=tile_ok, other=0.0)
         acc += u * grad_u
     total = tl.sum(acc, axis=0) * scaling
-    tl.store(out_ptr + sample * stride_out_sample + choices * stride_out_slot, total.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + sample * stride_out_sample + choices * stride_out_slot, _to(total, out_ptr.dtype.element_ty),
              mask=choice_ok)  # fmt: skip
 
 
@@ -387,7 +404,7 @@ def _scatter_slots_tile(
                              mask=hit[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
             acc += tl.sum(values, axis=0)
     out = out_ptr + expert * stride_out_expert + cols * stride_out_col
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out, _to(acc, out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._launch import block as _block
 from ._launch import cdiv as _cdiv
-from .triton_pool_linear import _dot_config, _input_dot
+from .triton_pool_linear import _dot_config, _input_dot, _to
 
 # The scores of a block of samples over all experts live in registers while k of them are picked: above this many
 # experts the tile would spill, and PyTorch's sort routes instead (Backend.refuse_reason says so).
@@ -66,7 +66,7 @@ def _scores(tok_ptr, stride_tok_sample, stride_tok_d, w_ptr, stride_w_expert, st
         acc = _input_dot(tokens, weights, acc, DOT_PRECISION, UPCAST_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
-    scores = acc.to(tok_ptr.dtype.element_ty).to(tl.float32)
+    scores = _to(acc, tok_ptr.dtype.element_ty).to(tl.float32)
     return tl.where(scores != scores, float("inf"), scores)  # noqa: PLR0124 (x != x: the NaN test)
 
 
@@ -95,7 +95,7 @@ def _store_gates(chosen_scores, gate_ptr, gate32_ptr, samples, sample_ok, slots,
     offsets = samples[:, None] * k + slots[None, :]
     tile_ok = sample_ok[:, None] & slot_ok[None, :]
     tl.store(gate32_ptr + offsets, gates, mask=tile_ok)
-    tl.store(gate_ptr + offsets, gates.to(gate_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gate_ptr + offsets, _to(gates, gate_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -216,7 +216,7 @@ def _router_grad_kernel(
             grad_tokens = tl.dot(grad_scores, weights, input_precision="ieee")
             out_ok = sample_ok[:, None] & d_ok[None, :]
             tl.store(grad_tok_ptr + samples[:, None] * d_in + ds[None, :],
-                     grad_tokens.to(grad_tok_ptr.dtype.element_ty), mask=out_ok)  # fmt: skip
+                     _to(grad_tokens, grad_tok_ptr.dtype.element_ty), mask=out_ok)  # fmt: skip
         if NEED_WEIGHT:
             tokens = tl.load(tok_ptr + samples[:, None] * stride_tok_sample + ds[None, :] * stride_tok_d,
                              mask=sample_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
@@ -224,10 +224,10 @@ def _router_grad_kernel(
         if NEED_BIAS:
             grad_bias += tl.sum(grad_scores, axis=0)
     if NEED_WEIGHT:
-        tl.store(grad_w_ptr + experts[:, None] * d_in + ds[None, :], grad_w.to(grad_w_ptr.dtype.element_ty),
+        tl.store(grad_w_ptr + experts[:, None] * d_in + ds[None, :], _to(grad_w, grad_w_ptr.dtype.element_ty),
                  mask=expert_ok[:, None] & d_ok[None, :])  # fmt: skip
     if NEED_BIAS:
-        tl.store(grad_bias_ptr + experts, grad_bias.to(grad_bias_ptr.dtype.element_ty),
+        tl.store(grad_bias_ptr + experts, _to(grad_bias, grad_bias_ptr.dtype.element_ty),
                  mask=expert_ok & (tl.program_id(0) == 0))  # fmt: skip
 
 

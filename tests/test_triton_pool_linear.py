@@ -28,6 +28,7 @@ from rank1_kernels.triton_pool_linear import (
     SHRINKS,
     VARIANTS,
     _rank_dot,
+    _to,
     choose_shrink,
     choose_variant,
     is_interpreted,
@@ -228,6 +229,45 @@ def test_rank_products_keep_the_fp32_intermediate(dtype):
         assert relative <= 2.0**-21, f"fp16 rank product keeps fewer than 21 bits: relative error {relative:.3e}"
     else:
         assert torch.equal(out, expected), f"{dtype} rank product is not exact: {(out - expected).abs().max()}"
+
+
+@triton.jit
+def _cast_probe(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, _to(tl.load(x_ptr + offsets, mask=offsets < n), out_ptr.dtype.element_ty),
+             mask=offsets < n)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_outputs_round_to_nearest_even_as_torch_casts(dtype):
+    """Every kernel stores its fp32 results through `_to`: rounded to nearest even, as torch's casts and the GPU's
+    conversions round (Triton's interpreter alone truncates to bf16; `_to` rounds by bits there). Magnitudes 2^-140
+    to 2^127 (bf16 subnormals, overflow to inf), ties, signed zeros, inf and NaN."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(4096, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-140, 128, (4096,), generator=g)
+    ties = (torch.randint(1, 2**16, (256,), generator=g) * 2**16 + 2**15).to(torch.int32).view(torch.float32)
+    special = torch.tensor([1.67107, 3.4028235e38, 3.3895314e38, -0.0, 0.0, float("inf"), -float("inf"), float("nan")])
+    x = torch.cat([values.float(), ties, -ties, special])
+    out = torch.empty(x.numel(), dtype=dtype, device=_device())
+    _cast_probe[(1,)](x.to(_device()), out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    expected = x.to(dtype)
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    same = (out.cpu().view(bits) == expected.view(bits)) | (out.cpu().isnan() & expected.isnan())
+    assert same.all(), f"{int((~same).sum())} values cast differently, e.g. {x[~same][:4].tolist()}"
+
+
+def test_bf16_layer_output_rounds_to_nearest_even():
+    """y = 1 + 3 * 2^-9 is 3/4 of a bf16 step above 1: the reference's bf16 linear rounds it up to 1 + 2^-7; a
+    truncating store would give 1."""
+    x, weight = torch.ones(2, 1, dtype=torch.bfloat16), torch.ones(1, 1, dtype=torch.bfloat16)
+    bias = torch.full((1,), 3 * 2.0**-9, dtype=torch.bfloat16)
+    A, B = torch.ones(4, 1, dtype=torch.bfloat16), torch.zeros(1, 4, dtype=torch.bfloat16)
+    idx, gates = torch.tensor([[0], [1]]), torch.ones(2, 1, dtype=torch.bfloat16)
+    inputs = [t.to(_device()) for t in (x, weight, bias, A, B, idx, gates)]
+    expected = rank1_pool_linear_ref(*inputs, 1.0, 1)
+    assert expected.flatten().tolist() == [1 + 2.0**-7] * 2
+    for variant in VARIANTS:
+        assert torch.equal(triton_pool_linear(*inputs, 1.0, 1, variant=variant), expected), variant
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

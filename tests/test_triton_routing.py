@@ -78,6 +78,15 @@ def test_kernel_picks_the_best_scores_on_random_inputs(dtype):
     assert (worst_chosen >= best_unchosen - slack).all()
 
 
+def test_bf16_scores_round_to_nearest_even_as_the_reference():
+    """The kernel rounds its fp32 scores through the input dtype, as the reference's bf16 F.linear does: 1 + 3 * 2^-9
+    rounds up to 1 + 2^-7 and beats 1.0 (truncated, it would tie with it and expert 0 would win the tie)."""
+    tokens = torch.ones(1, 2, dtype=torch.bfloat16, device=_device())
+    weight = torch.tensor([[1.0, 0.0], [1.0, 3 * 2.0**-9]], dtype=torch.bfloat16, device=_device())
+    assert route_reference(tokens, weight, None, 1, "sample", None, True, "none")[0].tolist() == [[1]]
+    assert triton_route(tokens, weight, None, 1, "sample", None, "none")[0].tolist() == [[1]]
+
+
 @pytest.mark.parametrize("mode", ["sample", "batch"])
 def test_strided_router_bias_and_counts(mode):
     """A router bias and activation counts that are every other element of a wider buffer (the kernel reads the
