@@ -71,19 +71,20 @@ def _list() -> int:
     print("backends:")
     for name in known_backends():
         try:
-            get_backend(name)
-            print(f"  {name}: available")
+            reason = get_backend(name).unavailable_reason()
         except (RuntimeError, ValueError) as exc:
-            print(f"  {name}: unavailable: {exc}")
+            reason = str(exc)
+        print(f"  {name}: " + ("available" if reason is None else f"unavailable: {reason}"))
     return 0
 
 
 def _loadable_backends() -> list[str]:
+    """The backends that can time rows here (in known_backends() order): importable, with their kernels present."""
     loadable = []
     for name in known_backends():
         try:
-            get_backend(name)
-            loadable.append(name)
+            if get_backend(name).unavailable_reason() is None:
+                loadable.append(name)
         except (RuntimeError, ValueError):
             pass
     return loadable

@@ -33,6 +33,11 @@ class Backend:
         """None when this backend can run `op` on these inputs, else a sentence saying why not and how to fix it."""
         raise NotImplementedError
 
+    def unavailable_reason(self) -> str | None:
+        """None when this backend's kernels are there to run, else why not and how to get them (the CUDA backend
+        registers with the package, its compiled extension may be missing)."""
+        return None
+
     def auto_ok(self, op: str, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether "auto" may pick this backend for these inputs (e.g. Triton runs CPU tensors only through its
         slow interpreter: allowed when forced by name, never picked automatically)."""
@@ -126,6 +131,12 @@ def _load_lazy(name: str) -> None:
 
 
 def available_backends() -> list[str]:
+    """The backends that can run here, in "auto"'s priority order: registered, and with their kernels present."""
+    return [name for name in _registered() if _INSTANCES[name].unavailable_reason() is None]
+
+
+def _registered() -> list[str]:
+    """Every registered backend in priority order ("auto" asks each in turn; one without kernels refuses)."""
     for name in list(_LAZY_MODULES):
         _load_lazy(name)
     return sorted(_REGISTRY, key=lambda n: _REGISTRY[n][0])
@@ -160,7 +171,7 @@ def resolve_backend(name: str, op: str, tensors: Sequence[torch.Tensor]) -> Back
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if name == "auto":
-        for candidate in available_backends():
+        for candidate in _registered():
             backend = get_backend(candidate)
             if _runs(backend, op, tensors) is None and backend.auto_ok(op, tensors):
                 return backend

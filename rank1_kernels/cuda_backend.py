@@ -168,6 +168,9 @@ class CudaBackend(Backend):
     # (tests/cuda_emulation/) registers them for CPU tensors and sets this to "cpu" in its own process.
     device_type = "cuda"
 
+    def unavailable_reason(self):
+        return extension_missing_reason()
+
     def refuse_reason(self, op, tensors):
         floating = [t for t in tensors if t.is_floating_point()]
         if not floating:

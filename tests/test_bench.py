@@ -761,26 +761,29 @@ def test_gpu_session_script_dry_run(tmp_path):
 
 def test_gpu_session_counts_a_part_complete_only_for_this_code_and_settings(tmp_path):
     """The session script's check (DONE_PY) that lets a resumed session skip a part: only when every row of the
-    part has this commit, this code and the settings this run stamps (which backends load)."""
-    from bench.environment import code_digest
-
+    part has this commit, this code and the settings this run stamps (which backends load). The rows come from a
+    real sweep of the `ago` part (the CUDA extension is not built here: its rows are measured without it)."""
     # The assignment as bash reads it (a quote inside the program would end it early there).
     assignment = "eval \"$(sed -n '/^DONE_PY=/,/^VALID_PY=/p' bench/gpu_session.sh)\"; printf %s \"$DONE_PY\""
     done_py = subprocess.run(["bash", "-c", assignment], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    without_cuda = "time_forced_only=False; backends=reference,triton"
-    this = dict(commit="c1", code_digest=code_digest(), bench_settings=without_cuda)
-    rows = [dict(this, group="main"), dict(this, group="ago", bench_settings="time_forced_only=True; backends=x"),
-            dict(this, group="step", code_digest="other"), dict(this, group="tokens", commit="c0")]  # fmt: skip
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"conditions": {"parts": ["main", "ago", "step", "tokens"]}, "results": rows}))
+    subprocess.run([sys.executable, "-m", "bench", "sweep", "--preset", "tiny", "--only", "ago", "--out", str(tmp_path),
+                    "--quiet"], cwd=ROOT, check=True, timeout=300)  # fmt: skip
+    document = json.loads(results.read_text())
+    real = document["results"][0]
+    assert "cuda" not in real["bench_settings"], "a backend without its kernels times nothing: not in the settings"
+    document["results"] += [dict(real, group="main", bench_settings="time_forced_only=True; backends=reference"),
+                            dict(real, group="step", code_digest="other"), dict(real, group="tokens", commit="another")]  # fmt: skip
+    document["conditions"]["parts"] += ["main", "step", "tokens"]
+    results.write_text(json.dumps(document))
 
     def complete(load_cuda: str) -> list[str]:
-        environment = dict(os.environ, RANK1_COMMIT="c1", RANK1_BENCH_LOAD_CUDA=load_cuda)
+        environment = dict(os.environ, RANK1_COMMIT=real["commit"] or "", RANK1_BENCH_LOAD_CUDA=load_cuda)
         completed = subprocess.run([sys.executable, "-c", done_py, str(results), "tiny"], cwd=ROOT, env=environment,
                                    capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
         return completed.stdout.split()
 
-    assert complete("0") == ["main"]
+    assert complete("0") == ["ago"]
     assert complete("1") == [], "rows measured without pool[cuda] do not complete a part once the extension loads"
 
 

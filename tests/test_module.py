@@ -191,7 +191,10 @@ def test_empty_batch_and_noncontiguous_input():
     wide = torch.randn(3, 4, 25)
     view = wide[..., 5:15]
     assert not view.is_contiguous()
-    torch.testing.assert_close(layer.eval()(view), layer(view.contiguous()), rtol=0, atol=0)
+    layer.eval()
+    # By the rule, not bit for bit: BLAS may round a strided input differently (MKL does on some CPUs).
+    oracle = copy.deepcopy(layer).double()(view.double())
+    assert_close_by_rule(layer(view), layer(view.contiguous()), oracle, "strided input")
 
 
 def test_backend_choice():

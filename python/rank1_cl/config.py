@@ -1,6 +1,6 @@
 """Run configuration: nested dataclasses, loaded from a JSON or TOML file and overridden by CLI flags.
 
-    config = load_config("run.toml", overrides=["train.iterations=100", "pool.k=4"])
+    config = load_config("run.toml", overrides={"train.iterations": 100, "pool.k": 4})
 
 Every field has the paper's default (arXiv 2601.22828, its released script) unless said otherwise; unknown keys,
 wrong types and out-of-range values raise a ValueError that names the key, the value and what was expected.
