@@ -624,14 +624,15 @@ commit = os.environ.get("RANK1_COMMIT") or None
 from bench.environment import code_digest
 digest = code_digest()  # the same commit with other uncommitted edits is other code
 # The settings this run stamps: the sweep registers the Triton variants of the preset, and the CUDA backend is there
-# when the bench loads the extension (not loaded here: a load that fails later only makes the part run again).
+# when its extension is installed or the bench loads it (not loaded here: a load that fails later only makes the part
+# run again).
 from bench.__main__ import _loadable_backends, run_settings
 from bench.presets import get_preset
 if get_preset(sys.argv[2]).triton_variants:
     from bench.variants import register_triton_variants
     register_triton_variants()
-backends = [name for name in _loadable_backends() if name != "cuda"]
-if os.environ.get("RANK1_BENCH_LOAD_CUDA") == "1":
+backends = _loadable_backends()
+if os.environ.get("RANK1_BENCH_LOAD_CUDA") == "1" and "cuda" not in backends:
     backends = sorted([*backends, "cuda"])  # the order of known_backends()
 settings = run_settings(False, backends)
 for part in state:
