@@ -13,7 +13,6 @@ AGO evaluations and evicts them, so an AGO time measured on one set kept in L2 w
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import sys
 from typing import Iterable
@@ -80,10 +79,6 @@ def ago_grouped_mean(B_curs, B_prevs, cur_masks, prev_masks, backend: str) -> to
     return ago_loss_grouped(B_curs, B_prevs, cur_masks, prev_masks, p=1, backend=backend).mean()
 
 
-def _grouped_mean_of(B_curs, B_prevs, *, cur_masks, prev_masks, backend: str) -> torch.Tensor:
-    return ago_grouped_mean(B_curs, B_prevs, cur_masks, prev_masks, backend)
-
-
 def _steps(loss_fn, input_sets):
     """Timed steps for loss_fn(B_curs, B_prevs): step(i) computes on input set i."""
     retained = {}
@@ -130,13 +125,11 @@ def run_ago(
             n_sets = min(MAX_INPUT_SETS, 1 << (n_sets - 1).bit_length())
             input_sets = copies_of_inputs(B_curs, B_prevs, n_sets)
 
-            def loop(B_curs, B_prevs):
-                return ago_loss_loop(B_curs, B_prevs, tops)
-
-            methods = {"per-layer loop": (loop, None)}
+            # Each method is loss(B_curs, B_prevs) of one input set.
+            methods = {"per-layer loop": (lambda curs, prevs: ago_loss_loop(curs, prevs, tops), None)}
             for backend in known_backends():
                 methods[f"grouped[{backend}]"] = (
-                    functools.partial(_grouped_mean_of, cur_masks=cur_masks, prev_masks=prev_masks, backend=backend),
+                    lambda curs, prevs, backend=backend: ago_grouped_mean(curs, prevs, cur_masks, prev_masks, backend),
                     op_refusal(backend, "ago_grouped", [*B_curs, *B_prevs], time_forced_only),
                 )
             timers = timers_for(device, sweep.cuda_graphs)
